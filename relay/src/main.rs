@@ -1,0 +1,239 @@
+//! `domauth`: the SMTP submission relay (`serve`) and its management CLI,
+//! which talks to the running server over the admin socket.
+
+mod admin;
+mod bounce;
+mod cleanup;
+mod config;
+mod policy;
+mod queue;
+mod server;
+mod smtp;
+mod spool;
+mod tls;
+mod upstream;
+mod verify;
+mod verify_dns;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use admin::commands::Command as Admin;
+
+#[derive(Parser)]
+#[command(name = "domauth", version, about = "SMTP submission relay with DNS-verified external sender domains")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Machine-readable output (management commands).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay.
+    Serve,
+    /// Hostings (tenants) and their own domains.
+    #[command(subcommand)]
+    Hosting(HostingCmd),
+    /// Mailboxes (SMTP AUTH logins).
+    #[command(subcommand)]
+    Mailbox(MailboxCmd),
+    /// External domains a hosting proves it controls with a DNS TXT record.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Addresses of verified domains that every mailbox of a hosting may use.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// The delivery queue.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Why a login may or may not send as an address.
+    Explain {
+        #[arg(long)]
+        login: String,
+        #[arg(long)]
+        sender: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostingCmd {
+    /// Add a hosting with its own domains.
+    Add {
+        name: String,
+        #[arg(long = "domain", required = true)]
+        domains: Vec<String>,
+    },
+    List,
+    /// Set the dashboard password (first line of stdin).
+    Passwd { name: String },
+}
+
+#[derive(Subcommand)]
+enum MailboxCmd {
+    /// Add a mailbox; the password is the first line of stdin.
+    Add { address: String },
+    /// Change a mailbox's password (first line of stdin).
+    Passwd { address: String },
+    List {
+        #[arg(long)]
+        hosting: Option<String>,
+    },
+    Delete { address: String },
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    /// Add an external domain; prints the TXT record to publish.
+    Add {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
+    /// Status and the TXT record to publish.
+    Show {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
+    List {
+        #[arg(long)]
+        hosting: String,
+    },
+    /// Check DNS now; exit 0 only when verified.
+    Verify {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
+    /// Delete the domain and its accounts.
+    Delete {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    Add {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        #[arg(long)]
+        hosting: String,
+    },
+    List {
+        #[arg(long)]
+        hosting: String,
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    Delete {
+        address: String,
+        #[arg(long)]
+        hosting: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    List,
+    Show { id: String },
+    Retry { id: String },
+    Delete { id: String },
+}
+
+fn admin_command(cmd: Cmd) -> Option<Admin> {
+    Some(match cmd {
+        Cmd::Serve => return None,
+        Cmd::Hosting(c) => match c {
+            HostingCmd::Add { name, domains } => Admin::HostingAdd { name, domains },
+            HostingCmd::List => Admin::HostingList,
+            HostingCmd::Passwd { name } => Admin::HostingPasswd { name },
+        },
+        Cmd::Mailbox(c) => match c {
+            MailboxCmd::Add { address } => Admin::MailboxAdd { address },
+            MailboxCmd::Passwd { address } => Admin::MailboxPasswd { address },
+            MailboxCmd::List { hosting } => Admin::MailboxList { hosting },
+            MailboxCmd::Delete { address } => Admin::MailboxDelete { address },
+        },
+        Cmd::Domain(c) => match c {
+            DomainCmd::Add { domain, hosting } => Admin::DomainAdd { domain, hosting },
+            DomainCmd::Show { domain, hosting } => Admin::DomainShow { domain, hosting },
+            DomainCmd::List { hosting } => Admin::DomainList { hosting },
+            DomainCmd::Verify { domain, hosting } => Admin::DomainVerify { domain, hosting },
+            DomainCmd::Delete { domain, hosting, yes } => Admin::DomainDelete { domain, hosting, yes },
+        },
+        Cmd::Account(c) => match c {
+            AccountCmd::Add { addresses, hosting } => Admin::AccountAdd { addresses, hosting },
+            AccountCmd::List { hosting, domain } => Admin::AccountList { hosting, domain },
+            AccountCmd::Delete { address, hosting } => Admin::AccountDelete { address, hosting },
+        },
+        Cmd::Queue(c) => match c {
+            QueueCmd::List => Admin::QueueList,
+            QueueCmd::Show { id } => Admin::QueueShow { id },
+            QueueCmd::Retry { id } => Admin::QueueRetry { id },
+            QueueCmd::Delete { id } => Admin::QueueDelete { id },
+        },
+        Cmd::Explain { login, sender } => Admin::Explain { login, sender },
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("domauth: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let config = match config::Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("domauth: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(command) = admin_command(cli.command) else {
+        init_logging();
+        return match runtime.block_on(server::run(config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(event = "fatal", error = %e, "cannot run");
+                eprintln!("domauth: {e}");
+                ExitCode::from(1)
+            }
+        };
+    };
+    let client = admin::client::AdminClient::new(&config.server.admin_socket);
+    match runtime.block_on(admin::commands::run(&client, command, cli.json)) {
+        Ok(done) if done.ok => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("domauth: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One line per event on stderr (journald adds the timestamp under
+/// systemd); `RUST_LOG` adjusts the level, default `info`.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,278 @@
+//! `domauth serve`: opens the store, starts the queue, the verifier and the
+//! admin API, owns the accept loops and the connection limits, and shuts
+//! down gracefully on SIGTERM / SIGINT (stop accepting, let sessions finish
+//! within `server.shutdown_timeout`, flush, exit 0).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use domauth_store::Store;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    signal::unix::{SignalKind, signal},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+};
+
+use crate::{
+    admin,
+    config::Config,
+    policy::StorePolicy,
+    queue::{self, QueueSettings},
+    smtp::{
+        auth::{AuthSettings, Authenticator},
+        conn::{self, ConnContext},
+        reply,
+        session::{Listener, SessionConfig},
+    },
+    spool::Spool,
+    tls,
+    upstream::Upstream,
+    verify::Verifier,
+    verify_dns::DnsChecker,
+};
+
+/// Connections per client IP (SPEC §4 limits). The guard gives the slot
+/// back when the connection ends.
+#[derive(Clone)]
+struct PerIpLimit {
+    max: usize,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+struct IpSlot {
+    ip: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIpLimit {
+    fn acquire(&self, ip: IpAddr) -> Option<IpSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ip,
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub async fn run(config: Config) -> Result<(), String> {
+    let s = &config.server;
+    std::fs::create_dir_all(&s.data_dir)
+        .map_err(|e| format!("server.data_dir: cannot create {}: {e}", s.data_dir.display()))?;
+    let store_dir = s.data_dir.join("store");
+    let store = Store::open(&store_dir).map_err(|e| {
+        format!(
+            "server.data_dir: cannot open the store in {} ({e}); is another domauth running on it?",
+            store_dir.display()
+        )
+    })?;
+    let tls = tls::acceptor(&config.tls, &s.hostname)?;
+    let dns = DnsChecker::new(&config.dns.nameservers, config.dns.timeout.get())
+        .map_err(|e| format!("dns.nameservers: {e}"))?;
+    let upstream = Upstream::from_config(&config)?;
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (queue_handle, queue_rx) = queue::channel();
+    let spool = Spool::start(store.clone(), queue_handle.clone());
+    let workers = queue::start(
+        store.clone(),
+        spool.clone(),
+        upstream,
+        QueueSettings {
+            retry_initial: config.queue.retry_initial.get(),
+            retry_max: config.queue.retry_max.get(),
+            max_lifetime: config.queue.max_lifetime.get(),
+            concurrency: config.queue.concurrency,
+            hostname: s.hostname.clone(),
+        },
+        queue_handle.clone(),
+        queue_rx,
+        shutdown.clone(),
+    )?;
+    let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
+    let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
+    let admin_task = admin::server::serve(
+        &s.admin_socket,
+        admin::server::AdminState {
+            store: store.clone(),
+            verifier,
+            queue: queue_handle,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+
+    let l = &config.limits;
+    let auth = Authenticator::new(
+        store.clone(),
+        AuthSettings {
+            failures: l.auth_failures,
+            window: l.auth_window.get(),
+            failure_delay: l.auth_failure_delay.get(),
+            cache_ttl: Duration::from_secs(300),
+        },
+    )?;
+    let ctx = Arc::new(ConnContext {
+        session: Arc::new(SessionConfig {
+            hostname: s.hostname.clone(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_errors: l.max_errors,
+            smtputf8: config.upstream.smtputf8,
+        }),
+        policy: Arc::new(StorePolicy {
+            store: store.clone(),
+        }),
+        auth,
+        spool,
+        tls,
+        idle_timeout: l.idle_timeout.get(),
+        data_timeout: l.data_timeout.get(),
+        max_line_length: l.max_line_length,
+    });
+    let connections = Arc::new(Semaphore::new(l.max_connections));
+    let per_ip = PerIpLimit {
+        max: l.max_connections_per_ip,
+        counts: Arc::default(),
+    };
+
+    let mut accept_loops = Vec::new();
+    for (addrs, kind, key) in [
+        (&s.submission, Listener::Submission, "server.submission"),
+        (&s.submissions, Listener::Submissions, "server.submissions"),
+    ] {
+        for addr in addrs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
+            tracing::info!(event = "listening", addr = %addr, listener = ?kind, "listening");
+            accept_loops.push(tokio::spawn(accept_loop(
+                listener,
+                kind,
+                ctx.clone(),
+                connections.clone(),
+                per_ip.clone(),
+                shutdown.clone(),
+            )));
+        }
+    }
+    tracing::info!(
+        event = "started",
+        admin_socket = %s.admin_socket.display(),
+        upstream = %format!("{}:{}", config.upstream.host, config.upstream.port),
+        "domauth is ready"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!(event = "shutdown", "stopping: no new connections; open sessions may finish");
+    let _ = shutdown_tx.send(true);
+    for task in accept_loops {
+        let _ = task.await;
+    }
+    // Every connection holds a permit: having them all back means every
+    // session has ended.
+    let all = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(s.shutdown_timeout.get(), connections.acquire_many(all)).await;
+    if drained.is_err() {
+        tracing::warn!(event = "shutdown_timeout", "sessions still open after the shutdown timeout; closing them");
+    }
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+    }
+    verifier_task.abort();
+    let _ = admin_task.await;
+    store.flush().map_err(|e| format!("final flush failed: {e}"))?;
+    let _ = std::fs::remove_file(&s.admin_socket);
+    tracing::info!(event = "stopped", "domauth stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signals: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signals: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Listener,
+    ctx: Arc<ConnContext>,
+    connections: Arc<Semaphore>,
+    per_ip: PerIpLimit,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                refuse(tcp, peer, kind, "max_connections");
+                continue;
+            }
+        };
+        let Some(slot) = per_ip.acquire(peer.ip()) else {
+            refuse(tcp, peer, kind, "max_connections_per_ip");
+            continue;
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            conn::serve(tcp, peer, kind, ctx, shutdown).await;
+            drop(slot);
+            drop::<OwnedSemaphorePermit>(permit);
+        });
+    }
+}
+
+/// Over a connection limit: `421 4.7.0` at once and close (plaintext
+/// listener; on the implicit-TLS one a plaintext line would be noise, so
+/// the connection is just closed).
+fn refuse(mut tcp: TcpStream, peer: SocketAddr, kind: Listener, limit: &'static str) {
+    tracing::warn!(event = "connection_refused", peer = %peer, limit, "connection limit reached");
+    if kind == Listener::Submissions {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        reply::too_many_connections().write_to(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
+        let _ = tcp.shutdown().await;
+    });
+}

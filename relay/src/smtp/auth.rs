@@ -1,0 +1,328 @@
+//! SMTP AUTH behind the protocol: SASL PLAIN decoding (RFC 4616), Argon2id
+//! verification on the blocking pool, the failure limiter (SPEC §4: per IP
+//! and per login, 454 past the threshold) and a cache of recent successful
+//! logins so a busy client does not pay Argon2 on every session (as Dovecot's
+//! auth cache does).
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use domauth_store::{Store, normalize_address};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::session::AuthResult;
+use crate::policy::Login;
+
+/// Credentials from a SASL exchange. `Debug` never prints the password.
+#[derive(Clone)]
+pub struct SaslCredentials {
+    pub login: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for SaslCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaslCredentials")
+            .field("login", &self.login)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl SaslCredentials {
+    /// RFC 4616: `[authzid] NUL authcid NUL passwd`. An authzid other than
+    /// the authcid would mean "act as another user": refused.
+    pub fn from_plain(raw: &[u8]) -> Option<SaslCredentials> {
+        let mut parts = raw.split(|&b| b == 0);
+        let authzid = parts.next()?;
+        let authcid = parts.next()?;
+        let passwd = parts.next()?;
+        if parts.next().is_some() || authcid.is_empty() {
+            return None;
+        }
+        if !authzid.is_empty() && authzid != authcid {
+            return None;
+        }
+        Some(SaslCredentials {
+            login: String::from_utf8(authcid.to_vec()).ok()?,
+            password: String::from_utf8(passwd.to_vec()).ok()?,
+        })
+    }
+}
+
+/// Argon2id PHC string for a new password (SPEC §1), for the admin API.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    // The salt comes from the OS's random source (argon2's getrandom feature).
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| format!("cannot hash password: {e}"))
+}
+
+fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(hash) => Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Failures per key inside a sliding window.
+struct FailureCounter {
+    window: Duration,
+    threshold: u32,
+    entries: HashMap<String, (Instant, u32)>,
+}
+
+impl FailureCounter {
+    /// Memory stays bounded whatever an attacker sends: past this many keys
+    /// the expired ones are swept, and if that is not enough the oldest go.
+    const MAX_KEYS: usize = 100_000;
+
+    fn new(threshold: u32, window: Duration) -> FailureCounter {
+        FailureCounter {
+            window,
+            threshold,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn blocked(&self, key: &str, now: Instant) -> bool {
+        match self.entries.get(key) {
+            Some((start, count)) => {
+                now.duration_since(*start) < self.window && *count >= self.threshold
+            }
+            None => false,
+        }
+    }
+
+    fn record(&mut self, key: &str, now: Instant) {
+        if self.entries.len() >= Self::MAX_KEYS {
+            let window = self.window;
+            self.entries
+                .retain(|_, (start, _)| now.duration_since(*start) < window);
+            if self.entries.len() >= Self::MAX_KEYS {
+                self.entries.clear();
+            }
+        }
+        let entry = self.entries.entry(key.to_string()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+struct CacheEntry {
+    expires: Instant,
+    login: Login,
+    /// The password hash the entry was verified against: a password change
+    /// (a new PHC string) invalidates the entry at once.
+    phc: String,
+}
+
+pub struct AuthSettings {
+    pub failures: u32,
+    pub window: Duration,
+    pub failure_delay: Duration,
+    pub cache_ttl: Duration,
+}
+
+pub struct Authenticator {
+    store: Store,
+    settings: AuthSettings,
+    by_ip: Mutex<FailureCounter>,
+    by_login: Mutex<FailureCounter>,
+    cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    /// Key of the cache's HMAC: random per process, so the cache keys are
+    /// useless outside it.
+    cache_key: [u8; 32],
+    /// A real hash to verify unknown logins against, so that an unknown
+    /// login costs the same time as a wrong password.
+    dummy_phc: String,
+}
+
+impl Authenticator {
+    pub fn new(store: Store, settings: AuthSettings) -> Result<Arc<Authenticator>, String> {
+        let mut cache_key = [0u8; 32];
+        use rand::TryRngCore;
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut cache_key)
+            .map_err(|e| format!("no OS randomness: {e}"))?;
+        let dummy_phc = hash_password("domauth-dummy-password-for-timing")?;
+        Ok(Arc::new(Authenticator {
+            by_ip: Mutex::new(FailureCounter::new(settings.failures, settings.window)),
+            by_login: Mutex::new(FailureCounter::new(settings.failures, settings.window)),
+            cache: Mutex::new(HashMap::new()),
+            store,
+            settings,
+            cache_key,
+            dummy_phc,
+        }))
+    }
+
+    fn cache_id(&self, login: &str, password: &str) -> [u8; 32] {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.cache_key) else {
+            return [0; 32];
+        };
+        mac.update(login.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks credentials; the outcome feeds [`super::session::Session::auth_result`].
+    pub async fn authenticate(&self, peer: IpAddr, creds: SaslCredentials) -> AuthResult {
+        let login = normalize_address(&creds.login).unwrap_or_else(|_| creds.login.to_lowercase());
+        let ip_key = peer.to_string();
+        let now = Instant::now();
+        let limited = lock(&self.by_ip).blocked(&ip_key, now)
+            || lock(&self.by_login).blocked(&login, now);
+        if limited {
+            // Also for a correct password: the attacker learns nothing.
+            tracing::warn!(event = "auth_rate_limited", peer = %peer, login = %login, "AUTH refused: too many failures");
+            return AuthResult::RateLimited;
+        }
+
+        let mailbox = match self.store.mailbox(&login) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "store error during AUTH");
+                return AuthResult::TemporaryFailure;
+            }
+        };
+        let id = self.cache_id(&login, &creds.password);
+        if let Some(mailbox) = &mailbox {
+            let cache = lock(&self.cache);
+            if let Some(entry) = cache.get(&id)
+                && entry.expires > now
+                && entry.phc == mailbox.password_hash
+            {
+                tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
+                return AuthResult::Success(entry.login.clone());
+            }
+        }
+
+        let phc = mailbox
+            .as_ref()
+            .map(|m| m.password_hash.clone())
+            .unwrap_or_else(|| self.dummy_phc.clone());
+        let password = creds.password;
+        let verified = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+            .await
+            .unwrap_or(false);
+
+        match mailbox {
+            Some(mailbox) if verified => {
+                let session_login = Login {
+                    address: mailbox.address.clone(),
+                    hosting: mailbox.hosting.clone(),
+                };
+                let mut cache = lock(&self.cache);
+                if cache.len() >= 10_000 {
+                    cache.retain(|_, e| e.expires > now);
+                    if cache.len() >= 10_000 {
+                        cache.clear();
+                    }
+                }
+                cache.insert(
+                    id,
+                    CacheEntry {
+                        expires: now + self.settings.cache_ttl,
+                        login: session_login.clone(),
+                        phc: mailbox.password_hash,
+                    },
+                );
+                tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = false, "AUTH ok");
+                AuthResult::Success(session_login)
+            }
+            other => {
+                let now = Instant::now();
+                lock(&self.by_ip).record(&ip_key, now);
+                lock(&self.by_login).record(&login, now);
+                tracing::warn!(
+                    event = "auth_failure",
+                    peer = %peer,
+                    login = %login,
+                    known_login = other.is_some(),
+                    "AUTH failed"
+                );
+                tokio::time::sleep(self.settings.failure_delay).await;
+                AuthResult::Failed
+            }
+        }
+    }
+}
+
+/// A poisoned lock only means another task panicked mid-update of a counter;
+/// the data is still usable, and auth must keep working.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_decoding_table() {
+        let cases: &[(&[u8], Option<(&str, &str)>)] = &[
+            (b"\0user\0pass", Some(("user", "pass"))),
+            (b"user\0user\0pass", Some(("user", "pass"))),
+            (b"other\0user\0pass", None),
+            (b"\0\0pass", None),
+            (b"\0user", None),
+            (b"\0user\0pass\0extra", None),
+            (b"", None),
+            (b"\0user\0", Some(("user", ""))),
+            (b"\0us\xffer\0pass", None),
+        ];
+        for (raw, expect) in cases {
+            let got = SaslCredentials::from_plain(raw);
+            let got = got.as_ref().map(|c| (c.login.as_str(), c.password.as_str()));
+            assert_eq!(got, *expect, "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = SaslCredentials {
+            login: "a".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn failure_counter_blocks_within_the_window_only() {
+        let mut c = FailureCounter::new(3, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            c.record("k", t0);
+        }
+        assert!(!c.blocked("k", t0));
+        c.record("k", t0);
+        assert!(c.blocked("k", t0));
+        assert!(!c.blocked("other", t0));
+        assert!(!c.blocked("k", t0 + Duration::from_secs(11)));
+        // A failure after the window starts a new count.
+        c.record("k", t0 + Duration::from_secs(11));
+        assert!(!c.blocked("k", t0 + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn hashes_are_argon2id_and_verify() {
+        let phc = hash_password("secret").unwrap();
+        assert!(phc.starts_with("$argon2id$"), "{phc}");
+        assert!(verify_password("secret", &phc));
+        assert!(!verify_password("Secret", &phc));
+        assert!(!verify_password("secret", "not a phc string"));
+    }
+}

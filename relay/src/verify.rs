@@ -1,0 +1,300 @@
+//! Domain ownership proof (SPEC §2): tokens, the state changes a DNS check
+//! causes, `domain verify` on demand, and the background task that re-checks
+//! pending and verified domains. The DNS lookup itself is in `verify_dns.rs`.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use domauth_store::{AuthorizedDomain, DomainStatus, Store};
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    config::VerificationConfig,
+    verify_dns::{CheckOutcome, DnsChecker},
+};
+
+/// A fresh verification token: 160 bits from the OS's secure random source,
+/// hex, so it is printable ASCII and one short TXT string.
+pub fn new_token() -> Result<String, String> {
+    use rand::TryRngCore;
+    let mut bytes = [0u8; 20];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| format!("no OS randomness: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("domauth-{hex}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub pending_expiry: Duration,
+    pub grace: Duration,
+}
+
+/// Applies one check's outcome to a domain (pure: the rules of SPEC §2.4–6).
+/// `manual` is `domain verify`, which may revive a failed domain.
+pub fn apply(d: &mut AuthorizedDomain, outcome: &CheckOutcome, now: DateTime<Utc>, timing: &Timing) {
+    d.last_check = Some(now);
+    let found = matches!(outcome, CheckOutcome::Verified);
+    if found {
+        if d.status != DomainStatus::Verified {
+            d.verified_at = Some(now);
+        }
+        d.status = DomainStatus::Verified;
+        d.last_error = None;
+        d.record_missing_since = None;
+        return;
+    }
+    d.last_error = Some(outcome.to_string());
+    match d.status {
+        DomainStatus::Pending => {
+            if elapsed(d.created_at, now) >= timing.pending_expiry {
+                d.status = DomainStatus::Failed;
+                d.last_error = Some(format!(
+                    "not verified within {} of being added; last check: {outcome}",
+                    humantime::format_duration(timing.pending_expiry)
+                ));
+            }
+        }
+        DomainStatus::Verified => {
+            // A DNS error says nothing about the record: the clock neither
+            // starts nor resets.
+            if outcome.is_temporary() {
+                return;
+            }
+            let since = *d.record_missing_since.get_or_insert(now);
+            if elapsed(since, now) >= timing.grace {
+                d.status = DomainStatus::Failed;
+                d.last_error = Some(format!(
+                    "record missing since {} (grace {} passed): {outcome}",
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    humantime::format_duration(timing.grace)
+                ));
+            }
+        }
+        DomainStatus::Failed => {}
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    (now - since).to_std().unwrap_or_default()
+}
+
+pub struct Verifier {
+    store: Store,
+    dns: DnsChecker,
+    config: VerificationConfig,
+    timing: Timing,
+}
+
+impl Verifier {
+    pub fn new(store: Store, dns: DnsChecker, config: VerificationConfig) -> Arc<Verifier> {
+        let timing = Timing {
+            pending_expiry: config.pending_expiry.get(),
+            grace: config.grace.get(),
+        };
+        Arc::new(Verifier {
+            store,
+            dns,
+            config,
+            timing,
+        })
+    }
+
+    /// The name the TXT record goes to: `domauthvalidation.<domain>`.
+    pub fn record_name(&self, domain: &str) -> String {
+        format!("{}.{domain}", self.config.record_label)
+    }
+
+    /// Checks one domain now and stores the result. A check whose result
+    /// arrives after a newer check was stored is dropped (compare-and-swap in
+    /// the store), so a manual verify racing the background task never loses
+    /// an update.
+    pub async fn check(
+        &self,
+        hosting: &str,
+        domain: &str,
+    ) -> Result<Option<(AuthorizedDomain, CheckOutcome)>, String> {
+        let Some(current) = self.store.domain(hosting, domain).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let started = Utc::now();
+        let outcome = self
+            .dns
+            .check(&self.record_name(&current.domain), &current.token)
+            .await;
+        let now = Utc::now();
+        let updated = self
+            .store
+            .update_domain(hosting, domain, |d| {
+                if d.last_check.is_some_and(|t| t > started) {
+                    return; // a newer check already decided
+                }
+                apply(d, &outcome, now, &self.timing);
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(d) = &updated {
+            tracing::info!(
+                event = "domain_check",
+                hosting = %hosting,
+                domain = %domain,
+                outcome = %outcome,
+                status = %d.status,
+                "DNS ownership check"
+            );
+        }
+        Ok(updated.map(|d| (d, outcome)))
+    }
+
+    fn due(&self, d: &AuthorizedDomain, now: DateTime<Utc>) -> bool {
+        let interval = match d.status {
+            DomainStatus::Pending => self.config.check_interval.get(),
+            DomainStatus::Verified => self.config.recheck_interval.get(),
+            DomainStatus::Failed => return false,
+        };
+        match d.last_check {
+            None => true,
+            Some(t) => elapsed(t, now) >= interval,
+        }
+    }
+
+    /// The background task: every tick, checks the domains that are due,
+    /// several at once (bounded), so one slow nameserver holds up nobody.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let tick = self
+            .config
+            .check_interval
+            .get()
+            .min(self.config.recheck_interval.get())
+            .clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
+        // Domains being checked right now: not scheduled twice.
+        let in_progress = Arc::new(std::sync::Mutex::new(HashSet::new()));
+        let mut running: JoinSet<()> = JoinSet::new();
+        loop {
+            while let Some(done) = running.try_join_next() {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "domain check task failed");
+                }
+            }
+            let now = Utc::now();
+            match self.store.all_domains() {
+                Ok(domains) => {
+                    for d in domains.into_iter().filter(|d| self.due(d, now)) {
+                        let key = (d.hosting, d.domain);
+                        if !lock(&in_progress).insert(key.clone()) {
+                            continue;
+                        }
+                        let (this, limit, in_progress) =
+                            (self.clone(), limit.clone(), in_progress.clone());
+                        running.spawn(async move {
+                            if let Ok(_permit) = limit.acquire().await
+                                && let Err(e) = this.check(&key.0, &key.1).await
+                            {
+                                tracing::error!(error = %e, domain = %key.1, "domain check failed");
+                            }
+                            lock(&in_progress).remove(&key);
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot list domains"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        running.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain(status: DomainStatus, created_ago: i64) -> AuthorizedDomain {
+        let now = Utc::now();
+        AuthorizedDomain {
+            hosting: "acme".into(),
+            domain: "partner.example".into(),
+            token: "t".into(),
+            status,
+            created_at: now - chrono::Duration::seconds(created_ago),
+            verified_at: None,
+            last_check: None,
+            last_error: None,
+            record_missing_since: None,
+        }
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            pending_expiry: Duration::from_secs(100),
+            grace: Duration::from_secs(50),
+        }
+    }
+
+    #[test]
+    fn token_is_long_random_and_printable() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_ne!(a, b);
+        assert!(a.len() >= 8 + 32 && a.len() <= 255);
+        assert!(a.bytes().all(|c| c.is_ascii_graphic()));
+    }
+
+    #[test]
+    fn pending_domains() {
+        use CheckOutcome::*;
+        let now = Utc::now();
+        let cases = [
+            (Verified, 10, DomainStatus::Verified),
+            (NotFound("nx".into()), 10, DomainStatus::Pending),
+            (Mismatch { found: "\"x\"".into() }, 10, DomainStatus::Pending),
+            (DnsError("timeout".into()), 10, DomainStatus::Pending),
+            (NotFound("nx".into()), 200, DomainStatus::Failed),
+            (DnsError("timeout".into()), 200, DomainStatus::Failed),
+            (Verified, 200, DomainStatus::Verified),
+        ];
+        for (outcome, age, expect) in cases {
+            let mut d = domain(DomainStatus::Pending, age);
+            apply(&mut d, &outcome, now, &timing());
+            assert_eq!(d.status, expect, "{outcome:?} at age {age}");
+            assert_eq!(d.last_check, Some(now));
+            assert_eq!(d.last_error.is_none(), expect == DomainStatus::Verified);
+        }
+    }
+
+    #[test]
+    fn verified_domains_grace_clock() {
+        let t0 = Utc::now();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let mut d = domain(DomainStatus::Verified, 1000);
+        let missing = CheckOutcome::NotFound("nx".into());
+        apply(&mut d, &missing, at(0), &timing());
+        assert_eq!((d.status, d.record_missing_since), (DomainStatus::Verified, Some(at(0))));
+        // A DNS error neither starts nor resets the clock.
+        apply(&mut d, &CheckOutcome::DnsError("x".into()), at(20), &timing());
+        assert_eq!(d.record_missing_since, Some(at(0)));
+        apply(&mut d, &missing, at(30), &timing());
+        assert_eq!((d.status, d.record_missing_since), (DomainStatus::Verified, Some(at(0))));
+        apply(&mut d, &missing, at(50), &timing());
+        assert_eq!(d.status, DomainStatus::Failed);
+        assert!(d.last_error.as_deref().unwrap().contains("record missing since"));
+
+        // Success resets the clock; a failed domain is revived by a match.
+        let mut d = domain(DomainStatus::Verified, 1000);
+        apply(&mut d, &missing, at(0), &timing());
+        apply(&mut d, &CheckOutcome::Verified, at(10), &timing());
+        assert_eq!(d.record_missing_since, None);
+        let mut f = domain(DomainStatus::Failed, 1000);
+        apply(&mut f, &missing, at(0), &timing());
+        assert_eq!(f.status, DomainStatus::Failed);
+        apply(&mut f, &CheckOutcome::Verified, at(1), &timing());
+        assert_eq!((f.status, f.verified_at), (DomainStatus::Verified, Some(at(1))));
+    }
+}

@@ -1,0 +1,245 @@
+//! The message queue: what was accepted with `250`, until upstream takes it or it bounces.
+//! This is the boundary between the SMTP side and delivery (STYLE.md): the session writes
+//! here, the scheduler reads here.
+
+use crate::{Result, Store, StoreError, abort, decode, encode, tx_result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    /// Not yet accepted by upstream: to be (re)tried.
+    Pending,
+    /// Accepted by upstream; never retried.
+    Delivered,
+    /// Refused permanently (or timed out): goes into the bounce.
+    Failed,
+}
+
+/// One envelope recipient and its own delivery result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueRecipient {
+    pub address: String,
+    pub status: RecipientStatus,
+    /// Upstream's last reply for this recipient, for the log and the DSN.
+    pub last_reply: Option<String>,
+}
+
+/// The envelope and delivery state of a queued message; the body is stored apart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueuedMessage {
+    pub id: String,
+    /// The envelope sender; `""` is the null sender (no bounce is sent for it).
+    pub from: String,
+    pub recipients: Vec<QueueRecipient>,
+    pub size: u64,
+    pub received_at: DateTime<Utc>,
+    /// The mailbox that submitted it; `None` for the relay's own bounces.
+    pub login: Option<String>,
+    pub attempts: u32,
+    pub next_attempt: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub is_bounce: bool,
+}
+
+impl Store {
+    /// Stores a message: envelope and body in one transaction, so the queue never holds one
+    /// without the other. Does not flush: the caller group-commits with
+    /// [`Store::flush_async`] before answering `250`.
+    pub fn enqueue(&self, msg: &QueuedMessage, body: &[u8]) -> Result<()> {
+        if msg.id.is_empty() {
+            return Err(StoreError::Invalid("empty queue id".into()));
+        }
+        let id = msg.id.as_bytes();
+        let meta = encode(msg);
+        tx_result(
+            (&self.queue_meta, &self.queue_body).transaction(|(metas, bodies)| {
+                if metas.get(id)?.is_some() {
+                    return abort(StoreError::Conflict(format!(
+                        "queue id {} already exists",
+                        msg.id
+                    )));
+                }
+                metas.insert(id, meta.as_slice())?;
+                bodies.insert(id, body)?;
+                Ok(())
+            }),
+        )
+    }
+
+    /// Every queued message, ordered by id.
+    pub fn queued(&self) -> Result<Vec<QueuedMessage>> {
+        self.queue_meta
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(
+                    format_args!("queued message {}", String::from_utf8_lossy(&key)),
+                    &value,
+                )
+            })
+            .collect()
+    }
+
+    pub fn queued_message(&self, id: &str) -> Result<Option<QueuedMessage>> {
+        self.queue_meta
+            .get(id)?
+            .map(|v| decode(format_args!("queued message {id}"), &v))
+            .transpose()
+    }
+
+    pub fn queue_body(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.queue_body.get(id)?.map(|v| v.to_vec()))
+    }
+
+    /// Overwrites the envelope and delivery state (never the body). A message dequeued
+    /// meanwhile (`queue delete` racing a delivery) is not brought back: `NotFound`.
+    pub fn update_queued(&self, msg: &QueuedMessage) -> Result<()> {
+        let id = msg.id.as_bytes();
+        let meta = encode(msg);
+        tx_result(self.queue_meta.transaction(|metas| {
+            if metas.get(id)?.is_none() {
+                return abort(no_message(&msg.id));
+            }
+            metas.insert(id, meta.as_slice())?;
+            Ok(())
+        }))
+    }
+
+    /// Removes a message (envelope and body) in one transaction.
+    pub fn dequeue(&self, id: &str) -> Result<()> {
+        tx_result(
+            (&self.queue_meta, &self.queue_body).transaction(|(metas, bodies)| {
+                if metas.remove(id.as_bytes())?.is_none() {
+                    return abort(no_message(id));
+                }
+                bodies.remove(id.as_bytes())?;
+                Ok(())
+            }),
+        )
+    }
+}
+
+fn no_message(id: &str) -> StoreError {
+    StoreError::NotFound(format!("no queued message {id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::store;
+
+    fn message(id: &str) -> QueuedMessage {
+        let now = Utc::now();
+        QueuedMessage {
+            id: id.into(),
+            from: "info@acme.example".into(),
+            recipients: vec![
+                QueueRecipient {
+                    address: "a@dest.example".into(),
+                    status: RecipientStatus::Pending,
+                    last_reply: None,
+                },
+                QueueRecipient {
+                    address: "b@dest.example".into(),
+                    status: RecipientStatus::Pending,
+                    last_reply: None,
+                },
+            ],
+            size: 5,
+            received_at: now,
+            login: Some("info@acme.example".into()),
+            attempts: 0,
+            next_attempt: now,
+            last_error: None,
+            is_bounce: false,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let (_dir, store) = store();
+        let (second, first) = (message("0002"), message("0001"));
+        store.enqueue(&second, b"body2").unwrap();
+        store.enqueue(&first, b"body1").unwrap();
+        assert!(matches!(
+            store.enqueue(&first, b"x"),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            store.queue_body("0001").unwrap().as_deref(),
+            Some(&b"body1"[..])
+        );
+
+        assert_eq!(store.queued().unwrap(), [first.clone(), second.clone()]);
+        assert_eq!(store.queued_message("0002").unwrap(), Some(second));
+
+        let mut updated = first.clone();
+        updated.attempts = 1;
+        updated.recipients[0].status = RecipientStatus::Delivered;
+        updated.recipients[0].last_reply = Some("250 2.0.0 Ok".into());
+        updated.recipients[1].status = RecipientStatus::Failed;
+        updated.last_error = Some("550 5.1.1 no such user".into());
+        store.update_queued(&updated).unwrap();
+        assert_eq!(store.queued_message("0001").unwrap(), Some(updated.clone()));
+        assert_eq!(
+            store.queue_body("0001").unwrap().as_deref(),
+            Some(&b"body1"[..])
+        );
+
+        store.dequeue("0001").unwrap();
+        assert_eq!(store.queued_message("0001").unwrap(), None);
+        assert_eq!(store.queue_body("0001").unwrap(), None);
+        assert!(matches!(
+            store.dequeue("0001"),
+            Err(StoreError::NotFound(_))
+        ));
+        // A late update after a delete does not resurrect the message.
+        assert!(matches!(
+            store.update_queued(&updated),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.queued_message("0001").unwrap(), None);
+        assert_eq!(store.queued().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn null_sender_and_json_shape() {
+        let (_dir, store) = store();
+        let mut bounce = message("0003");
+        bounce.from = String::new();
+        bounce.login = None;
+        bounce.is_bounce = true;
+        store.enqueue(&bounce, b"").unwrap();
+        assert_eq!(store.queued_message("0003").unwrap(), Some(bounce));
+        let raw = store.queue_meta.get("0003").unwrap().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(json["recipients"][0]["status"], "pending");
+        assert_eq!(json["from"], "");
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let (dir, store) = store();
+        store
+            .add_hosting("acme", &["acme.example".to_string()])
+            .unwrap();
+        let msg = message("0001");
+        store.enqueue(&msg, b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.queued().unwrap(), [msg]);
+        assert_eq!(
+            store.queue_body("0001").unwrap().as_deref(),
+            Some(&b"Subject: hi\r\n\r\nbody\r\n"[..])
+        );
+        assert_eq!(
+            store.hosting_of_domain("acme.example").unwrap().as_deref(),
+            Some("acme")
+        );
+    }
+}
