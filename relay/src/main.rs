@@ -1,19 +1,7 @@
 //! `domauth`: the SMTP submission relay (`serve`) and its management CLI,
 //! which talks to the running server over the admin socket.
 
-mod admin;
-mod bounce;
-mod cleanup;
-mod config;
-mod policy;
-mod queue;
-mod server;
-mod smtp;
-mod spool;
-mod tls;
-mod upstream;
-mod verify;
-mod verify_dns;
+use domauth::{admin, config, server};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -235,5 +223,6 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -1,0 +1,176 @@
+//! A byte-level SMTP client for tests that need exact control of what goes
+//! on the wire (smuggling probes, pipelining, STARTTLS injection, framing),
+//! where swaks would normalise the input.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn io(&mut self) -> &mut dyn ReadWrite {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.as_mut(),
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+pub struct RawClient {
+    stream: Option<Stream>,
+    buf: Vec<u8>,
+    cert: std::path::PathBuf,
+}
+
+/// Trusts the relay's own (self-signed) certificate; the name is localhost.
+fn tls_config(cert: &Path) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).expect("relay certificate") {
+        roots.add(c.expect("certificate")).expect("trust anchor");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn wrap_tls(tcp: TcpStream, cert: &Path) -> Stream {
+    let name = ServerName::try_from("localhost").expect("server name");
+    let conn = ClientConnection::new(tls_config(cert), name).expect("tls client");
+    Stream::Tls(Box::new(StreamOwned::new(conn, tcp)))
+}
+
+impl RawClient {
+    fn tcp(port: u16) -> TcpStream {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the relay");
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        tcp
+    }
+
+    /// Plain connection (the STARTTLS port); reads nothing yet.
+    pub fn connect(port: u16, cert: &Path) -> RawClient {
+        RawClient {
+            stream: Some(Stream::Plain(RawClient::tcp(port))),
+            buf: Vec::new(),
+            cert: cert.to_path_buf(),
+        }
+    }
+
+    /// Implicit TLS connection (the submissions port); reads nothing yet.
+    pub fn connect_tls(port: u16, cert: &Path) -> RawClient {
+        RawClient {
+            stream: Some(wrap_tls(RawClient::tcp(port), cert)),
+            buf: Vec::new(),
+            cert: cert.to_path_buf(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let io = self.stream.as_mut().expect("open").io();
+        io.write_all(bytes).expect("send");
+        io.flush().expect("flush");
+    }
+
+    /// Sends without panicking; false when the server closed the connection.
+    pub fn try_send(&mut self, bytes: &[u8]) -> bool {
+        match self.stream.as_mut() {
+            Some(s) => s.io().write_all(bytes).and_then(|_| s.io().flush()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Reads one complete reply (all lines of a multi-line reply), or None
+    /// when the connection closed first.
+    pub fn read_reply(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = reply_end(&self.buf) {
+                let reply: Vec<u8> = self.buf.drain(..end).collect();
+                return Some(String::from_utf8_lossy(&reply).into_owned());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match self.stream.as_mut()?.io().read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends `line` + CRLF and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+            .unwrap_or_else(|| panic!("connection closed after {line:?}"))
+    }
+
+    /// True when the server has closed the connection (reads EOF).
+    pub fn closed(&mut self) -> bool {
+        self.read_reply().is_none()
+    }
+
+    /// `STARTTLS`, expects 220, and continues inside TLS. Anything the
+    /// server sent but we did not read is discarded, as a client must.
+    pub fn starttls(&mut self) {
+        let reply = self.cmd("STARTTLS");
+        assert!(reply.starts_with("220"), "STARTTLS refused: {reply}");
+        self.upgrade();
+    }
+
+    /// Performs the TLS handshake on the plain connection now.
+    pub fn upgrade(&mut self) {
+        let tcp = match self.stream.take() {
+            Some(Stream::Plain(t)) => t,
+            _ => panic!("not a plain connection"),
+        };
+        self.buf.clear();
+        self.stream = Some(wrap_tls(tcp, &self.cert));
+    }
+
+    /// Greeting, EHLO, STARTTLS, EHLO, AUTH PLAIN: ready for MAIL.
+    pub fn login(port: u16, cert: &Path, user: &str, password: &str) -> RawClient {
+        let mut c = RawClient::connect(port, cert);
+        let greeting = c.read_reply().expect("greeting");
+        assert!(greeting.starts_with("220"), "{greeting}");
+        c.cmd("EHLO client.test");
+        c.starttls();
+        c.cmd("EHLO client.test");
+        let token = B64.encode(format!("\0{user}\0{password}"));
+        let reply = c.cmd(&format!("AUTH PLAIN {token}"));
+        assert!(reply.starts_with("235"), "AUTH failed: {reply}");
+        c
+    }
+}
+
+/// End of the first complete reply in `buf`: lines until one whose fourth
+/// byte is a space (RFC 5321 §4.2.1).
+fn reply_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+        let line = &buf[start..start + pos + 1];
+        start += pos + 1;
+        if line.len() < 4 || line[3] != b'-' {
+            return Some(start);
+        }
+    }
+    None
+}
