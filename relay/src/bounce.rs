@@ -24,7 +24,9 @@ pub fn build(
     let boundary = format!("{}/{}", original.id, hostname);
     let date = now.to_rfc2822();
     let mut m = String::with_capacity(2048);
-    m.push_str(&format!("From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"));
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+    ));
     m.push_str(&format!("To: <{}>\r\n", original.from));
     m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
     m.push_str(&format!("Date: {date}\r\n"));
@@ -65,7 +67,10 @@ pub fn build(
         m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.address));
         m.push_str("Action: failed\r\n");
         m.push_str(&format!("Status: {}\r\n", status_code(f.diagnostic)));
-        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", one_line(f.diagnostic)));
+        m.push_str(&format!(
+            "Diagnostic-Code: smtp; {}\r\n",
+            one_line(f.diagnostic)
+        ));
     }
     m.push_str("\r\n");
 
@@ -95,7 +100,9 @@ fn status_code(diagnostic: &str) -> String {
             let parts: Vec<&str> = c.split('.').collect();
             parts.len() == 3
                 && matches!(parts[0], "4" | "5")
-                && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         })
         .map(|c| format!("5{}", &c[1..]))
         .unwrap_or_else(|| "5.0.0".to_string())
@@ -144,7 +151,9 @@ mod tests {
         assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user"));
         assert!(text.contains("Subject: hi"));
         assert!(!text.contains("secret body"), "the body is not returned");
-        let parsed = mail_parser::MessageParser::new().parse(text.as_bytes()).unwrap();
+        let parsed = mail_parser::MessageParser::new()
+            .parse(text.as_bytes())
+            .unwrap();
         assert_eq!(parsed.parts.len(), 4, "root + 3 parts");
     }
 

@@ -200,8 +200,14 @@ mod tests {
         let refused = [
             ("Subject: x\r\n\r\nbody\r\n", "550 5.6.0"),
             ("\r\nFrom: info@acme.test\r\n", "550 5.6.0"),
-            ("From: other@acme.test\r\n\r\n", "550 5.7.1 <other@acme.test>: From header"),
-            ("From: info@acme.test, bad@x.test\r\n\r\n", "<bad@x.test>: From header"),
+            (
+                "From: other@acme.test\r\n\r\n",
+                "550 5.7.1 <other@acme.test>: From header",
+            ),
+            (
+                "From: info@acme.test, bad@x.test\r\n\r\n",
+                "<bad@x.test>: From header",
+            ),
             (
                 "From: info@acme.test\r\nFrom: bad@x.test\r\n\r\n",
                 "<bad@x.test>: From header",
@@ -241,7 +247,8 @@ mod tests {
         assert!(out.contains("\r\nMessage-ID: <Q1."), "{out}");
         assert!(out.ends_with("From: a@b.test\r\n\r\nhi\r\n"));
 
-        let kept = "Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-Id: <x@y>\r\nFrom: a@b.test\r\n\r\n";
+        let kept =
+            "Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-Id: <x@y>\r\nFrom: a@b.test\r\n\r\n";
         let out = String::from_utf8(add_headers(kept.as_bytes(), &trace)).unwrap();
         assert_eq!(out.matches("Date:").count(), 1, "{out}");
         assert_eq!(out.to_ascii_lowercase().matches("message-id:").count(), 1);

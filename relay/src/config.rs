@@ -244,7 +244,18 @@ impl Config {
 
     /// Parses TOML text; pure, so the rules are unit-tested (and fuzzed).
     pub fn parse(text: &str) -> Result<Config, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| one_line(e.message()))?;
+        let line_of = |e: &toml::de::Error| {
+            e.span()
+                .map(|r| {
+                    format!(
+                        "line {}: ",
+                        text[..r.start.min(text.len())].matches('\n').count() + 1
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| format!("{}{}", line_of(&e), one_line(e.message())))?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let msg = one_line(e.inner().message());
@@ -341,7 +352,10 @@ impl Config {
             None => Ok(None),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    format!("upstream.password_file: cannot read {}: {e}", path.display())
+                    format!(
+                        "upstream.password_file: cannot read {}: {e}",
+                        path.display()
+                    )
                 })?;
                 Ok(Some(text.lines().next().unwrap_or("").to_string()))
             }
@@ -389,14 +403,23 @@ mod tests {
             ("[limits]\nmax_line_length = 100", "limits.max_line_length"),
             ("[server]\nhostnme = \"x\"", "hostnme"),
             ("[nonsense]\na = 1", "nonsense"),
-            ("[verification]\nrecord_label = \"a b\"", "verification.record_label"),
+            (
+                "[verification]\nrecord_label = \"a b\"",
+                "verification.record_label",
+            ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
             ("[server\n", ""),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).expect_err(text);
-            assert!(err.contains(key), "{text:?}: error {err:?} should name {key:?}");
-            assert!(!err.contains('\n'), "{text:?}: error must be one line: {err:?}");
+            assert!(
+                err.contains(key),
+                "{text:?}: error {err:?} should name {key:?}"
+            );
+            assert!(
+                !err.contains('\n'),
+                "{text:?}: error must be one line: {err:?}"
+            );
         }
     }
 

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use admin::commands::Command as Admin;
 
 #[derive(Parser)]
-#[command(name = "domauth", version, about = "SMTP submission relay with DNS-verified external sender domains")]
+#[command(
+    name = "domauth",
+    version,
+    about = "SMTP submission relay with DNS-verified external sender domains"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, global = true, default_value = "config.toml")]
@@ -60,20 +64,28 @@ enum HostingCmd {
     },
     List,
     /// Set the dashboard password (first line of stdin).
-    Passwd { name: String },
+    Passwd {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum MailboxCmd {
     /// Add a mailbox; the password is the first line of stdin.
-    Add { address: String },
+    Add {
+        address: String,
+    },
     /// Change a mailbox's password (first line of stdin).
-    Passwd { address: String },
+    Passwd {
+        address: String,
+    },
     List {
         #[arg(long)]
         hosting: Option<String>,
     },
-    Delete { address: String },
+    Delete {
+        address: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,7 +171,15 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
             DomainCmd::Show { domain, hosting } => Admin::DomainShow { domain, hosting },
             DomainCmd::List { hosting } => Admin::DomainList { hosting },
             DomainCmd::Verify { domain, hosting } => Admin::DomainVerify { domain, hosting },
-            DomainCmd::Delete { domain, hosting, yes } => Admin::DomainDelete { domain, hosting, yes },
+            DomainCmd::Delete {
+                domain,
+                hosting,
+                yes,
+            } => Admin::DomainDelete {
+                domain,
+                hosting,
+                yes,
+            },
         },
         Cmd::Account(c) => match c {
             AccountCmd::Add { addresses, hosting } => Admin::AccountAdd { addresses, hosting },
@@ -178,7 +198,10 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("domauth: cannot start the async runtime: {e}");

@@ -126,9 +126,7 @@ pub fn explain(store: &Store, login: &str, sender: &str) -> Decision {
     let mailbox = match store.mailbox(&login_address) {
         Ok(Some(m)) => m,
         Ok(None) => {
-            return Decision::refuse(format!(
-                "unknown login {login_address}: no such mailbox"
-            ));
+            return Decision::refuse(format!("unknown login {login_address}: no such mailbox"));
         }
         Err(e) => return Decision::refuse(format!("store error: {e}")),
     };

@@ -99,7 +99,11 @@ pub fn start(
         handle.wake_after(msg.id.clone(), delay);
     }
     if !queued.is_empty() {
-        tracing::info!(event = "queue_resumed", messages = queued.len(), "resuming queued messages");
+        tracing::info!(
+            event = "queue_resumed",
+            messages = queued.len(),
+            "resuming queued messages"
+        );
     }
     let concurrency = settings.concurrency;
     let shared = Arc::new(Shared {
@@ -199,7 +203,10 @@ async fn deliver(shared: &Shared, id: &str, conn: &mut Option<Connection>) -> Re
             .iter()
             .map(|&i| msg.recipients[i].address.clone())
             .collect();
-        let results = shared.upstream.send(conn, &msg.from, &addresses, &body).await;
+        let results = shared
+            .upstream
+            .send(conn, &msg.from, &addresses, &body)
+            .await;
         msg.attempts += 1;
         let mut last_error = None;
         for (&i, result) in pending.iter().zip(results) {
@@ -235,7 +242,11 @@ async fn deliver(shared: &Shared, id: &str, conn: &mut Option<Connection>) -> Re
     let age = (Utc::now() - msg.received_at).to_std().unwrap_or_default();
     if still_pending && age >= shared.settings.max_lifetime {
         let why = msg.last_error.clone().unwrap_or_else(|| "no reply".into());
-        for r in msg.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+        for r in msg
+            .recipients
+            .iter_mut()
+            .filter(|r| r.status == RecipientStatus::Pending)
+        {
             r.status = RecipientStatus::Failed;
             r.last_reply = Some(format!(
                 "message expired after {} in the queue; last error: {why}",
@@ -248,8 +259,8 @@ async fn deliver(shared: &Shared, id: &str, conn: &mut Option<Connection>) -> Re
             shared.settings.retry_initial,
             shared.settings.retry_max,
         );
-        msg.next_attempt = Utc::now()
-            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+        msg.next_attempt =
+            Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
         match store.update_queued(&msg) {
             Ok(()) => shared.handle.wake_after(msg.id.clone(), delay),
             Err(domauth_store::StoreError::NotFound(_)) => {} // deleted meanwhile
@@ -317,9 +328,21 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let s = Duration::from_secs;
-        let cases = [(0, 60), (1, 60), (2, 120), (3, 240), (6, 1920), (7, 3600), (100, 3600)];
+        let cases = [
+            (0, 60),
+            (1, 60),
+            (2, 120),
+            (3, 240),
+            (6, 1920),
+            (7, 3600),
+            (100, 3600),
+        ];
         for (attempts, expect) in cases {
-            assert_eq!(backoff(attempts, s(60), s(3600)), s(expect), "attempt {attempts}");
+            assert_eq!(
+                backoff(attempts, s(60), s(3600)),
+                s(expect),
+                "attempt {attempts}"
+            );
         }
     }
 }

@@ -78,8 +78,12 @@ impl Drop for IpSlot {
 
 pub async fn run(config: Config) -> Result<(), String> {
     let s = &config.server;
-    std::fs::create_dir_all(&s.data_dir)
-        .map_err(|e| format!("server.data_dir: cannot create {}: {e}", s.data_dir.display()))?;
+    std::fs::create_dir_all(&s.data_dir).map_err(|e| {
+        format!(
+            "server.data_dir: cannot create {}: {e}",
+            s.data_dir.display()
+        )
+    })?;
     let store_dir = s.data_dir.join("store");
     let store = Store::open(&store_dir).map_err(|e| {
         format!(
@@ -185,7 +189,10 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
 
     wait_for_signal().await?;
-    tracing::info!(event = "shutdown", "stopping: no new connections; open sessions may finish");
+    tracing::info!(
+        event = "shutdown",
+        "stopping: no new connections; open sessions may finish"
+    );
     let _ = shutdown_tx.send(true);
     for task in accept_loops {
         let _ = task.await;
@@ -193,16 +200,22 @@ pub async fn run(config: Config) -> Result<(), String> {
     // Every connection holds a permit: having them all back means every
     // session has ended.
     let all = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(s.shutdown_timeout.get(), connections.acquire_many(all)).await;
+    let drained =
+        tokio::time::timeout(s.shutdown_timeout.get(), connections.acquire_many(all)).await;
     if drained.is_err() {
-        tracing::warn!(event = "shutdown_timeout", "sessions still open after the shutdown timeout; closing them");
+        tracing::warn!(
+            event = "shutdown_timeout",
+            "sessions still open after the shutdown timeout; closing them"
+        );
     }
     for w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
     verifier_task.abort();
     let _ = admin_task.await;
-    store.flush().map_err(|e| format!("final flush failed: {e}"))?;
+    store
+        .flush()
+        .map_err(|e| format!("final flush failed: {e}"))?;
     let _ = std::fs::remove_file(&s.admin_socket);
     tracing::info!(event = "stopped", "domauth stopped");
     Ok(())

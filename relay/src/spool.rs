@@ -125,6 +125,9 @@ mod tests {
         let b = new_queue_id();
         assert_eq!(a.len(), 18);
         assert!(a < b, "{a} < {b}");
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+        );
     }
 }

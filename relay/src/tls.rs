@@ -34,7 +34,12 @@ pub fn acceptor(config: &TlsConfig, hostname: &str) -> Result<TlsAcceptor, Strin
         .map_err(|e| format!("tls: {e}"))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("tls.cert / tls.key: {} does not match its key or is unusable: {e}", config.cert.display()))?;
+        .map_err(|e| {
+            format!(
+                "tls.cert / tls.key: {} does not match its key or is unusable: {e}",
+                config.cert.display()
+            )
+        })?;
     // Resumption: clients reconnecting (Roundcube opens a session per
     // message) skip the full handshake. Stateful cache plus tickets.
     server.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
@@ -43,7 +48,8 @@ pub fn acceptor(config: &TlsConfig, hostname: &str) -> Result<TlsAcceptor, Strin
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("tls.cert: cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read(path)
+        .map_err(|e| format!("tls.cert: cannot read {}: {e}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut text.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("tls.cert: {} is not valid PEM: {e}", path.display()))?;
@@ -57,7 +63,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("tls.key: cannot read {}: {e}", path.display()))?;
+    let text =
+        std::fs::read(path).map_err(|e| format!("tls.key: cannot read {}: {e}", path.display()))?;
     rustls_pemfile::private_key(&mut text.as_slice())
         .map_err(|e| format!("tls.key: {} is not valid PEM: {e}", path.display()))?
         .ok_or_else(|| format!("tls.key: {} holds no PEM private key", path.display()))
@@ -126,12 +133,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path(), false);
         let e = acceptor(&c, "localhost").err().unwrap();
-        assert!(e.contains("tls.cert") && e.contains("does not exist"), "{e}");
+        assert!(
+            e.contains("tls.cert") && e.contains("does not exist"),
+            "{e}"
+        );
 
         std::fs::create_dir_all(dir.path().join("c")).unwrap();
         std::fs::write(&c.cert, "garbage").unwrap();
         std::fs::write(&c.key, "garbage").unwrap();
         let e = acceptor(&c, "localhost").err().unwrap();
-        assert!(e.contains("tls.cert") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("tls.cert") && e.contains("no PEM certificate"),
+            "{e}"
+        );
     }
 }

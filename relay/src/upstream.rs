@@ -38,7 +38,7 @@ pub struct Upstream {
 /// An open upstream connection.
 pub enum Connection {
     Plain(SmtpClient<TcpStream>),
-    Tls(SmtpClient<TlsStream<TcpStream>>),
+    Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
 }
 
 impl Upstream {
@@ -79,9 +79,10 @@ impl Upstream {
         let upstream = self.describe();
         match self.mode {
             UpstreamTls::None => builder.connect_plain().await.map(Connection::Plain),
-            UpstreamTls::Starttls | UpstreamTls::Implicit => {
-                builder.connect().await.map(Connection::Tls)
-            }
+            UpstreamTls::Starttls | UpstreamTls::Implicit => builder
+                .connect()
+                .await
+                .map(|c| Connection::Tls(Box::new(c))),
         }
         .map_err(|e| format!("cannot connect to {upstream}: {e}"))
     }
@@ -121,7 +122,7 @@ impl Upstream {
         }
         let result = match conn.as_mut() {
             Some(Connection::Plain(c)) => transaction(c, from, recipients, message).await,
-            Some(Connection::Tls(c)) => transaction(c, from, recipients, message).await,
+            Some(Connection::Tls(c)) => transaction(c.as_mut(), from, recipients, message).await,
             None => Err("no connection".to_string()),
         };
         match result {
@@ -207,7 +208,10 @@ fn classify(code: u16, text: String) -> RcptResult {
     }
 }
 
-fn tls_connector(insecure: bool, ca_file: Option<&std::path::Path>) -> Result<TlsConnector, String> {
+fn tls_connector(
+    insecure: bool,
+    ca_file: Option<&std::path::Path>,
+) -> Result<TlsConnector, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -227,7 +231,8 @@ fn tls_connector(insecure: bool, ca_file: Option<&std::path::Path>) -> Result<Tl
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
             for cert in certs {
-                let cert = cert.map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
+                let cert =
+                    cert.map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
                 roots
                     .add(cert)
                     .map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
@@ -294,7 +299,10 @@ mod tests {
 
     #[test]
     fn reply_classes() {
-        assert!(matches!(classify(250, "ok".into()), RcptResult::Delivered(_)));
+        assert!(matches!(
+            classify(250, "ok".into()),
+            RcptResult::Delivered(_)
+        ));
         assert!(matches!(classify(451, "x".into()), RcptResult::Deferred(_)));
         assert!(matches!(classify(550, "x".into()), RcptResult::Failed(_)));
         assert!(matches!(classify(0, "x".into()), RcptResult::Deferred(_)));

@@ -33,7 +33,12 @@ pub struct Timing {
 
 /// Applies one check's outcome to a domain (pure: the rules of SPEC §2.4–6).
 /// `manual` is `domain verify`, which may revive a failed domain.
-pub fn apply(d: &mut AuthorizedDomain, outcome: &CheckOutcome, now: DateTime<Utc>, timing: &Timing) {
+pub fn apply(
+    d: &mut AuthorizedDomain,
+    outcome: &CheckOutcome,
+    now: DateTime<Utc>,
+    timing: &Timing,
+) {
     d.last_check = Some(now);
     let found = matches!(outcome, CheckOutcome::Verified);
     if found {
@@ -119,7 +124,11 @@ impl Verifier {
         hosting: &str,
         domain: &str,
     ) -> Result<Option<(AuthorizedDomain, CheckOutcome)>, String> {
-        let Some(current) = self.store.domain(hosting, domain).map_err(|e| e.to_string())? else {
+        let Some(current) = self
+            .store
+            .domain(hosting, domain)
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
         let started = Utc::now();
@@ -254,7 +263,13 @@ mod tests {
         let cases = [
             (Verified, 10, DomainStatus::Verified),
             (NotFound("nx".into()), 10, DomainStatus::Pending),
-            (Mismatch { found: "\"x\"".into() }, 10, DomainStatus::Pending),
+            (
+                Mismatch {
+                    found: "\"x\"".into(),
+                },
+                10,
+                DomainStatus::Pending,
+            ),
             (DnsError("timeout".into()), 10, DomainStatus::Pending),
             (NotFound("nx".into()), 200, DomainStatus::Failed),
             (DnsError("timeout".into()), 200, DomainStatus::Failed),
@@ -276,15 +291,31 @@ mod tests {
         let mut d = domain(DomainStatus::Verified, 1000);
         let missing = CheckOutcome::NotFound("nx".into());
         apply(&mut d, &missing, at(0), &timing());
-        assert_eq!((d.status, d.record_missing_since), (DomainStatus::Verified, Some(at(0))));
+        assert_eq!(
+            (d.status, d.record_missing_since),
+            (DomainStatus::Verified, Some(at(0)))
+        );
         // A DNS error neither starts nor resets the clock.
-        apply(&mut d, &CheckOutcome::DnsError("x".into()), at(20), &timing());
+        apply(
+            &mut d,
+            &CheckOutcome::DnsError("x".into()),
+            at(20),
+            &timing(),
+        );
         assert_eq!(d.record_missing_since, Some(at(0)));
         apply(&mut d, &missing, at(30), &timing());
-        assert_eq!((d.status, d.record_missing_since), (DomainStatus::Verified, Some(at(0))));
+        assert_eq!(
+            (d.status, d.record_missing_since),
+            (DomainStatus::Verified, Some(at(0)))
+        );
         apply(&mut d, &missing, at(50), &timing());
         assert_eq!(d.status, DomainStatus::Failed);
-        assert!(d.last_error.as_deref().unwrap().contains("record missing since"));
+        assert!(
+            d.last_error
+                .as_deref()
+                .unwrap()
+                .contains("record missing since")
+        );
 
         // Success resets the clock; a failed domain is revived by a match.
         let mut d = domain(DomainStatus::Verified, 1000);
@@ -295,6 +326,9 @@ mod tests {
         apply(&mut f, &missing, at(0), &timing());
         assert_eq!(f.status, DomainStatus::Failed);
         apply(&mut f, &CheckOutcome::Verified, at(1), &timing());
-        assert_eq!((f.status, f.verified_at), (DomainStatus::Verified, Some(at(1))));
+        assert_eq!(
+            (f.status, f.verified_at),
+            (DomainStatus::Verified, Some(at(1)))
+        );
     }
 }

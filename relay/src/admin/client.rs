@@ -35,7 +35,12 @@ impl AdminClient {
 
     /// Sends the request; `Err` is one line for the user (the server's error
     /// message, or why the server could not be reached).
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             format!(
                 "cannot reach the domauth server at {} ({e}): is `domauth serve` running with this config?",
@@ -70,9 +75,8 @@ impl AdminClient {
             .await
             .map_err(|e| format!("admin socket: {e}"))?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&body).trim().to_string())
-        });
+        let value: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).trim().to_string()));
         if status.is_success() {
             Ok(value)
         } else {

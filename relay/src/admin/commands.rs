@@ -12,26 +12,72 @@ use super::client::{AdminClient, segment};
 /// A management command, parsed by clap in `main.rs`.
 #[derive(Debug, Clone)]
 pub enum Command {
-    HostingAdd { name: String, domains: Vec<String> },
+    HostingAdd {
+        name: String,
+        domains: Vec<String>,
+    },
     HostingList,
-    HostingPasswd { name: String },
-    MailboxAdd { address: String },
-    MailboxPasswd { address: String },
-    MailboxList { hosting: Option<String> },
-    MailboxDelete { address: String },
-    DomainAdd { domain: String, hosting: String },
-    DomainShow { domain: String, hosting: String },
-    DomainList { hosting: String },
-    DomainVerify { domain: String, hosting: String },
-    DomainDelete { domain: String, hosting: String, yes: bool },
-    AccountAdd { addresses: Vec<String>, hosting: String },
-    AccountList { hosting: String, domain: Option<String> },
-    AccountDelete { address: String, hosting: String },
+    HostingPasswd {
+        name: String,
+    },
+    MailboxAdd {
+        address: String,
+    },
+    MailboxPasswd {
+        address: String,
+    },
+    MailboxList {
+        hosting: Option<String>,
+    },
+    MailboxDelete {
+        address: String,
+    },
+    DomainAdd {
+        domain: String,
+        hosting: String,
+    },
+    DomainShow {
+        domain: String,
+        hosting: String,
+    },
+    DomainList {
+        hosting: String,
+    },
+    DomainVerify {
+        domain: String,
+        hosting: String,
+    },
+    DomainDelete {
+        domain: String,
+        hosting: String,
+        yes: bool,
+    },
+    AccountAdd {
+        addresses: Vec<String>,
+        hosting: String,
+    },
+    AccountList {
+        hosting: String,
+        domain: Option<String>,
+    },
+    AccountDelete {
+        address: String,
+        hosting: String,
+    },
     QueueList,
-    QueueShow { id: String },
-    QueueRetry { id: String },
-    QueueDelete { id: String },
-    Explain { login: String, sender: String },
+    QueueShow {
+        id: String,
+    },
+    QueueRetry {
+        id: String,
+    },
+    QueueDelete {
+        id: String,
+    },
+    Explain {
+        login: String,
+        sender: String,
+    },
 }
 
 /// Outcome of a command: printed output and the exit status.
@@ -63,7 +109,10 @@ fn s(v: &Value, key: &str) -> String {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 fn domain_path(hosting: &str, domain: &str) -> String {
@@ -76,7 +125,11 @@ fn record_line(d: &Value) -> String {
 }
 
 fn print_domain_detail(d: &Value) {
-    println!("Domain:       {} (hosting {})", s(d, "domain"), s(d, "hosting"));
+    println!(
+        "Domain:       {} (hosting {})",
+        s(d, "domain"),
+        s(d, "hosting")
+    );
     println!("Status:       {}", s(d, "status"));
     println!("Record:       {}", record_line(d));
     println!("Added:        {}", s(d, "created_at"));
@@ -100,12 +153,20 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
     match cmd {
         HostingAdd { name, domains } => {
             let v = client
-                .call(Method::POST, "/hostings", Some(json!({ "name": name, "domains": domains })))
+                .call(
+                    Method::POST,
+                    "/hostings",
+                    Some(json!({ "name": name, "domains": domains })),
+                )
                 .await?;
             if as_json {
                 print_json(&v);
             } else {
-                println!("hosting {} added (own domains: {})", s(&v, "name"), join(&v["domains"]));
+                println!(
+                    "hosting {} added (own domains: {})",
+                    s(&v, "name"),
+                    join(&v["domains"])
+                );
             }
         }
         HostingList => {
@@ -142,7 +203,11 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             if as_json {
                 print_json(&v);
             } else {
-                println!("mailbox {} added to hosting {}", s(&v, "address"), s(&v, "hosting"));
+                println!(
+                    "mailbox {} added to hosting {}",
+                    s(&v, "address"),
+                    s(&v, "hosting")
+                );
             }
         }
         MailboxPasswd { address } => {
@@ -173,7 +238,11 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
         }
         MailboxDelete { address } => {
             let v = client
-                .call(Method::DELETE, &format!("/mailboxes/{}", segment(&address)), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/mailboxes/{}", segment(&address)),
+                    None,
+                )
                 .await?;
             if as_json {
                 print_json(&v);
@@ -190,7 +259,10 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 print_json(&v);
             } else {
                 let d = s(&v, "domain");
-                println!("Domain {d} added for hosting {hosting}: status {}.", s(&v, "status"));
+                println!(
+                    "Domain {d} added for hosting {hosting}: status {}.",
+                    s(&v, "status")
+                );
                 println!();
                 println!("To prove that you control {d}, publish this DNS record:");
                 println!();
@@ -202,7 +274,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
         }
         DomainShow { domain, hosting } => {
-            let v = client.call(Method::GET, &domain_path(&hosting, &domain), None).await?;
+            let v = client
+                .call(Method::GET, &domain_path(&hosting, &domain), None)
+                .await?;
             if as_json {
                 print_json(&v);
             } else {
@@ -210,7 +284,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 if s(&v, "status") != "verified" {
                     println!();
                     println!("Publish: {}", record_line(&v));
-                    println!("DNS changes can take from a few minutes to a few hours to propagate.");
+                    println!(
+                        "DNS changes can take from a few minutes to a few hours to propagate."
+                    );
                 }
             }
         }
@@ -232,7 +308,10 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                         s(d, "last_check")
                     );
                     if !d["record_missing_since"].is_null() {
-                        line.push_str(&format!("\trecord missing since {}", s(d, "record_missing_since")));
+                        line.push_str(&format!(
+                            "\trecord missing since {}",
+                            s(d, "record_missing_since")
+                        ));
                     }
                     if !d["last_error"].is_null() {
                         line.push_str(&format!("\t{}", s(d, "last_error")));
@@ -260,7 +339,11 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
             return Ok(Done { ok: found });
         }
-        DomainDelete { domain, hosting, yes } => {
+        DomainDelete {
+            domain,
+            hosting,
+            yes,
+        } => {
             let path = domain_path(&hosting, &domain);
             if !yes {
                 let v = client.call(Method::GET, &path, None).await?;
@@ -297,7 +380,10 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 print_json(&v);
             } else {
                 for a in v.as_array().into_iter().flatten() {
-                    println!("{} may now be used as sender by every mailbox of {hosting}", s(a, "address"));
+                    println!(
+                        "{} may now be used as sender by every mailbox of {hosting}",
+                        s(a, "address")
+                    );
                 }
             }
         }
@@ -316,7 +402,11 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
         }
         AccountDelete { address, hosting } => {
-            let path = format!("/hostings/{}/accounts/{}", segment(&hosting), segment(&address));
+            let path = format!(
+                "/hostings/{}/accounts/{}",
+                segment(&hosting),
+                segment(&address)
+            );
             let v = client.call(Method::DELETE, &path, None).await?;
             if as_json {
                 print_json(&v);
@@ -354,21 +444,41 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
         }
         QueueShow { id } => {
-            let v = client.call(Method::GET, &format!("/queue/{}", segment(&id)), None).await?;
+            let v = client
+                .call(Method::GET, &format!("/queue/{}", segment(&id)), None)
+                .await?;
             if as_json {
                 print_json(&v);
             } else {
-                for key in ["id", "from", "login", "size", "received_at", "attempts", "next_attempt", "last_error"] {
+                for key in [
+                    "id",
+                    "from",
+                    "login",
+                    "size",
+                    "received_at",
+                    "attempts",
+                    "next_attempt",
+                    "last_error",
+                ] {
                     println!("{key:13} {}", s(&v, key));
                 }
                 for r in v["recipient_status"].as_array().into_iter().flatten() {
-                    println!("recipient     {}\t{}\t{}", s(r, "address"), s(r, "status"), s(r, "last_reply"));
+                    println!(
+                        "recipient     {}\t{}\t{}",
+                        s(r, "address"),
+                        s(r, "status"),
+                        s(r, "last_reply")
+                    );
                 }
             }
         }
         QueueRetry { id } => {
             let v = client
-                .call(Method::POST, &format!("/queue/{}/retry", segment(&id)), None)
+                .call(
+                    Method::POST,
+                    &format!("/queue/{}/retry", segment(&id)),
+                    None,
+                )
                 .await?;
             if as_json {
                 print_json(&v);
@@ -377,7 +487,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
         }
         QueueDelete { id } => {
-            let v = client.call(Method::DELETE, &format!("/queue/{}", segment(&id)), None).await?;
+            let v = client
+                .call(Method::DELETE, &format!("/queue/{}", segment(&id)), None)
+                .await?;
             if as_json {
                 print_json(&v);
             } else {
@@ -385,7 +497,11 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
             }
         }
         Explain { login, sender } => {
-            let path = format!("/explain?login={}&sender={}", segment(&login), segment(&sender));
+            let path = format!(
+                "/explain?login={}&sender={}",
+                segment(&login),
+                segment(&sender)
+            );
             let v = client.call(Method::GET, &path, None).await?;
             let allowed = v["allowed"].as_bool().unwrap_or(false);
             if as_json {

@@ -71,13 +71,22 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::delete(delete_mailbox),
         )
         .route("/mailboxes/{address}/password", put(mailbox_password))
-        .route("/hostings/{name}/domains", get(list_domains).post(add_domain))
+        .route(
+            "/hostings/{name}/domains",
+            get(list_domains).post(add_domain),
+        )
         .route(
             "/hostings/{name}/domains/{domain}",
             get(show_domain).delete(delete_domain),
         )
-        .route("/hostings/{name}/domains/{domain}/verify", post(verify_domain))
-        .route("/hostings/{name}/accounts", get(list_accounts).post(add_accounts))
+        .route(
+            "/hostings/{name}/domains/{domain}/verify",
+            post(verify_domain),
+        )
+        .route(
+            "/hostings/{name}/accounts",
+            get(list_accounts).post(add_accounts),
+        )
         .route(
             "/hostings/{name}/accounts/{address}",
             axum::routing::delete(delete_account),
@@ -282,7 +291,10 @@ async fn mailbox_password(
     Ok(Json(mailbox_json(&m)))
 }
 
-async fn delete_mailbox(State(s): State<AdminState>, UrlPath(address): UrlPath<String>) -> ApiResult {
+async fn delete_mailbox(
+    State(s): State<AdminState>,
+    UrlPath(address): UrlPath<String>,
+) -> ApiResult {
     s.store.delete_mailbox(&address)?;
     tracing::info!(event = "mailbox_deleted", mailbox = %address, "admin");
     Ok(Json(json!({ "deleted": address })))
@@ -298,7 +310,8 @@ async fn add_domain(
     UrlPath(hosting): UrlPath<String>,
     Json(req): Json<NewDomain>,
 ) -> ApiResult {
-    let token = crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let token =
+        crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
     tracing::info!(event = "domain_added", hosting = %d.hosting, domain = %d.domain, "admin");
     Ok(Json(domain_json(&s.verifier, &d)))
@@ -358,7 +371,9 @@ async fn delete_domain(
     let domain = domain_key(&domain)?;
     let accounts = s.store.delete_domain(&hosting, &domain)?;
     tracing::info!(event = "domain_deleted", hosting = %hosting, domain = %domain, accounts, "admin");
-    Ok(Json(json!({ "domain": domain, "accounts_deleted": accounts })))
+    Ok(Json(
+        json!({ "domain": domain, "accounts_deleted": accounts }),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -183,8 +183,8 @@ impl Authenticator {
         let login = normalize_address(&creds.login).unwrap_or_else(|_| creds.login.to_lowercase());
         let ip_key = peer.to_string();
         let now = Instant::now();
-        let limited = lock(&self.by_ip).blocked(&ip_key, now)
-            || lock(&self.by_login).blocked(&login, now);
+        let limited =
+            lock(&self.by_ip).blocked(&ip_key, now) || lock(&self.by_login).blocked(&login, now);
         if limited {
             // Also for a correct password: the attacker learns nothing.
             tracing::warn!(event = "auth_rate_limited", peer = %peer, login = %login, "AUTH refused: too many failures");
@@ -273,7 +273,8 @@ mod tests {
 
     #[test]
     fn plain_decoding_table() {
-        let cases: &[(&[u8], Option<(&str, &str)>)] = &[
+        type Case<'a> = (&'a [u8], Option<(&'a str, &'a str)>);
+        let cases: &[Case] = &[
             (b"\0user\0pass", Some(("user", "pass"))),
             (b"user\0user\0pass", Some(("user", "pass"))),
             (b"other\0user\0pass", None),
@@ -286,7 +287,9 @@ mod tests {
         ];
         for (raw, expect) in cases {
             let got = SaslCredentials::from_plain(raw);
-            let got = got.as_ref().map(|c| (c.login.as_str(), c.password.as_str()));
+            let got = got
+                .as_ref()
+                .map(|c| (c.login.as_str(), c.password.as_str()));
             assert_eq!(got, *expect, "{:?}", String::from_utf8_lossy(raw));
         }
     }

@@ -48,12 +48,7 @@ pub async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     let started = std::time::Instant::now();
-    let mut session = Session::new(
-        ctx.session.clone(),
-        ctx.policy.clone(),
-        listener,
-        peer.ip(),
-    );
+    let mut session = Session::new(ctx.session.clone(), ctx.policy.clone(), listener, peer.ip());
     tracing::info!(event = "session_start", peer = %peer, listener = ?listener, "connection");
     let result = match listener {
         Listener::Submissions => match handshake(&ctx, tcp).await {
@@ -74,7 +69,10 @@ pub async fn serve(
             }
         }
     };
-    let login = session.login().map(|l| l.address.clone()).unwrap_or_default();
+    let login = session
+        .login()
+        .map(|l| l.address.clone())
+        .unwrap_or_default();
     match result {
         Ok(_) => tracing::info!(
             event = "session_end",
@@ -186,9 +184,7 @@ impl InputBuffer {
 /// §2.3.8); anything else is refused, which also stops smuggling through
 /// command lines.
 fn well_formed(line: &[u8]) -> bool {
-    line.len() >= 2
-        && line.ends_with(b"\r\n")
-        && !line[..line.len() - 2].contains(&b'\r')
+    line.len() >= 2 && line.ends_with(b"\r\n") && !line[..line.len() - 2].contains(&b'\r')
 }
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(

@@ -212,7 +212,12 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
             let (c2, _) = decode_bytewise(input, max);
-            assert_eq!(c2, consumed, "bytewise {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                c2,
+                consumed,
+                "bytewise {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

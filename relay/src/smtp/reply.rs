@@ -201,7 +201,10 @@ pub fn bad_recipient_syntax(detail: &str) -> Reply {
 }
 
 pub fn null_recipient() -> Reply {
-    Reply::new(501, "5.1.3 Bad recipient address syntax: <> is not a mailbox")
+    Reply::new(
+        501,
+        "5.1.3 Bad recipient address syntax: <> is not a mailbox",
+    )
 }
 
 pub fn header_not_owned(header: &str, address: &str, login: &str) -> Reply {
@@ -263,10 +266,7 @@ pub fn parameter_unsupported(param: &str) -> Reply {
 }
 
 pub fn smtputf8_unsupported() -> Reply {
-    Reply::new(
-        555,
-        "5.6.7 SMTPUTF8 not supported by this relay's upstream",
-    )
+    Reply::new(555, "5.6.7 SMTPUTF8 not supported by this relay's upstream")
 }
 
 pub fn too_many_errors() -> Reply {
@@ -326,7 +326,10 @@ mod tests {
             ),
             (no_from_header(), "550 5.6.0 Message has no From header"),
             (auth_success(), "235 2.7.0 Authentication successful"),
-            (auth_failed(), "535 5.7.8 Authentication credentials invalid"),
+            (
+                auth_failed(),
+                "535 5.7.8 Authentication credentials invalid",
+            ),
             (
                 auth_encryption_required(),
                 "538 5.7.11 Encryption required for requested authentication mechanism",

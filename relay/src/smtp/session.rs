@@ -192,9 +192,7 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response.as_ref()),
-            Request::Mail { from } => {
-                self.mail(from.address.as_ref(), from.flags, from.size)
-            }
+            Request::Mail { from } => self.mail(from.address.as_ref(), from.flags, from.size),
             Request::Rcpt { to } => self.rcpt(to.address.as_ref()),
             Request::Data => self.data(),
             Request::Rset => {
@@ -526,7 +524,11 @@ mod tests {
             let allowed = address == login.address || address == "alias@ext.test";
             Decision {
                 allowed,
-                reason: if allowed { "ok".into() } else { "not listed".into() },
+                reason: if allowed {
+                    "ok".into()
+                } else {
+                    "not listed".into()
+                },
             }
         }
     }
@@ -573,7 +575,9 @@ mod tests {
         let mut s = session(Listener::Submissions);
         send(&mut s, "EHLO client");
         let a = send(&mut s, "AUTH PLAIN AGluZm9AYWNtZS50ZXN0AHNlY3JldA==");
-        assert!(matches!(a, Action::Authenticate(ref c) if c.login == "info@acme.test" && c.password == "secret"));
+        assert!(
+            matches!(a, Action::Authenticate(ref c) if c.login == "info@acme.test" && c.password == "secret")
+        );
         s.auth_result(AuthResult::Success(Login {
             address: "info@acme.test".into(),
             hosting: "acme".into(),
@@ -591,16 +595,29 @@ mod tests {
         }
         let mut tls = session(Listener::Submissions);
         let t = text(&send(&mut tls, "EHLO c"));
-        assert!(!t.contains("STARTTLS") && t.contains("AUTH PLAIN LOGIN"), "{t}");
+        assert!(
+            !t.contains("STARTTLS") && t.contains("AUTH PLAIN LOGIN"),
+            "{t}"
+        );
     }
 
     #[test]
     fn command_table_before_auth() {
         // (listener, commands before, command, expected code)
         let cases: &[(Listener, &[&str], &str, u16)] = &[
-            (Listener::Submission, &["EHLO c"], "AUTH PLAIN AGEAYg==", 538),
+            (
+                Listener::Submission,
+                &["EHLO c"],
+                "AUTH PLAIN AGEAYg==",
+                538,
+            ),
             (Listener::Submission, &["EHLO c"], "AUTH LOGIN", 538),
-            (Listener::Submission, &["EHLO c"], "MAIL FROM:<a@b.test>", 530),
+            (
+                Listener::Submission,
+                &["EHLO c"],
+                "MAIL FROM:<a@b.test>",
+                530,
+            ),
             (Listener::Submission, &[], "MAIL FROM:<a@b.test>", 503),
             (Listener::Submission, &["EHLO c"], "RCPT TO:<a@b.test>", 503),
             (Listener::Submission, &["EHLO c"], "DATA", 530),
@@ -608,7 +625,12 @@ mod tests {
             (Listener::Submission, &[], "STARTTLS", 503),
             (Listener::Submissions, &["EHLO c"], "STARTTLS", 503),
             (Listener::Submissions, &["EHLO c"], "AUTH PLAIN %%%", 501),
-            (Listener::Submissions, &["EHLO c"], "AUTH PLAIN AGZvbw==", 501),
+            (
+                Listener::Submissions,
+                &["EHLO c"],
+                "AUTH PLAIN AGZvbw==",
+                501,
+            ),
             (Listener::Submissions, &["EHLO c"], "AUTH CRAM-MD5", 504),
             (Listener::Submissions, &["EHLO c"], "AUTH PLAIN", 334),
             (Listener::Submissions, &["EHLO c"], "AUTH LOGIN", 334),
@@ -648,7 +670,11 @@ mod tests {
             (&[], "RCPT TO:<a@b.test>", 503),
             (&[], "DATA", 503),
             (&[], "AUTH PLAIN AGEAYg==", 503),
-            (&["MAIL FROM:<info@acme.test>"], "MAIL FROM:<info@acme.test>", 503),
+            (
+                &["MAIL FROM:<info@acme.test>"],
+                "MAIL FROM:<info@acme.test>",
+                503,
+            ),
             (&["MAIL FROM:<info@acme.test>"], "RCPT TO:<>", 501),
             (&["MAIL FROM:<info@acme.test>"], "RCPT TO:<a@b.test>", 250),
             (&["MAIL FROM:<info@acme.test>"], "DATA", 503),
@@ -667,7 +693,11 @@ mod tests {
                 "RCPT TO:<d@b.test>",
                 452,
             ),
-            (&["MAIL FROM:<info@acme.test>", "RSET"], "RCPT TO:<a@b.test>", 503),
+            (
+                &["MAIL FROM:<info@acme.test>", "RSET"],
+                "RCPT TO:<a@b.test>",
+                503,
+            ),
         ];
         for (before, cmd, expect) in cases {
             let mut s = logged_in();
@@ -694,9 +724,14 @@ mod tests {
         let mut s = session(Listener::Submissions);
         send(&mut s, "EHLO c");
         assert_eq!(text(&send(&mut s, "AUTH LOGIN")), "334 VXNlcm5hbWU6");
-        assert_eq!(text(&send(&mut s, "aW5mb0BhY21lLnRlc3Q=")), "334 UGFzc3dvcmQ6");
+        assert_eq!(
+            text(&send(&mut s, "aW5mb0BhY21lLnRlc3Q=")),
+            "334 UGFzc3dvcmQ6"
+        );
         let a = send(&mut s, "c2VjcmV0");
-        assert!(matches!(a, Action::Authenticate(ref c) if c.login == "info@acme.test" && c.password == "secret"));
+        assert!(
+            matches!(a, Action::Authenticate(ref c) if c.login == "info@acme.test" && c.password == "secret")
+        );
         assert_eq!(code(&s.auth_result(AuthResult::Failed)), 535);
 
         send(&mut s, "AUTH LOGIN");
@@ -728,7 +763,11 @@ mod tests {
             assert!(matches!(send(&mut s, "FOO"), Action::Reply(_)));
         }
         let a = send(&mut s, "FOO");
-        assert!(matches!(a, Action::Close(ref r) if r.code == 421), "{}", text(&a));
+        assert!(
+            matches!(a, Action::Close(ref r) if r.code == 421),
+            "{}",
+            text(&a)
+        );
     }
 
     #[test]
