@@ -199,8 +199,16 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     if greet {
         session.greeting().write_to(&mut out);
     }
+    // The idle timeout is per command line, not per read: a client that
+    // trickles one byte at a time (slowloris) must still finish its line
+    // within it.
+    let mut line_deadline: Option<Instant> = None;
     loop {
-        let action = match input.next_line(ctx.max_line_length) {
+        let next = input.next_line(ctx.max_line_length);
+        if !matches!(next, Line::Incomplete) {
+            line_deadline = None;
+        }
+        let action = match next {
             Line::Complete(line) if well_formed(&line) => session.command(&line),
             Line::Complete(_) => session.protocol_error(reply::command_bare_line_ending()),
             Line::TooLong => session.protocol_error(reply::line_too_long()),
@@ -211,8 +219,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 if *shutdown.borrow() {
                     return close(io, &mut out, reply::shutting_down(&ctx.session.hostname)).await;
                 }
+                let deadline =
+                    *line_deadline.get_or_insert_with(|| Instant::now() + ctx.idle_timeout);
                 tokio::select! {
-                    read = tokio::time::timeout(ctx.idle_timeout, input.fill(io)) => match read {
+                    read = tokio::time::timeout_at(deadline, input.fill(io)) => match read {
                         Ok(Ok(0)) => return Ok(Outcome::Closed),
                         Ok(Ok(_)) => continue,
                         Ok(Err(e)) => return Err(e),
