@@ -21,7 +21,8 @@ fn own_address_is_relayed_and_others_are_refused() {
         .from("info@acme.test")
         .to("someone@example.org")
         .run();
-    sent.assert_code(0).assert_contains("250 2.0.0 Ok: queued as ");
+    sent.assert_code(0)
+        .assert_contains("250 2.0.0 Ok: queued as ");
     let id = sent.queue_id().expect("queue id");
 
     relay
@@ -41,7 +42,10 @@ fn own_address_is_relayed_and_others_are_refused() {
     assert_eq!(m.mail_from, "info@acme.test");
     assert_eq!(m.rcpt_tos, vec!["someone@example.org"]);
     let received = m.header("Received").expect("Received header");
-    assert!(received.contains("ESMTPSA") && received.contains(&id), "{received}");
+    assert!(
+        received.contains("ESMTPSA") && received.contains(&id),
+        "{received}"
+    );
     assert!(m.header("Message-Id").is_some() && m.header("Date").is_some());
 }
 
@@ -52,9 +56,12 @@ fn implicit_tls_port_relays_too() {
     relay.add_mailbox("acme", "info@acme.test", "secret");
     relay
         .swaks_implicit()
-        .arg("--auth").arg("LOGIN")
-        .arg("--auth-user").arg("info@acme.test")
-        .arg("--auth-password").arg("secret")
+        .arg("--auth")
+        .arg("LOGIN")
+        .arg("--auth-user")
+        .arg("info@acme.test")
+        .arg("--auth-password")
+        .arg("secret")
         .from("info@acme.test")
         .to("someone@example.org")
         .run()
@@ -74,7 +81,11 @@ fn raw_client_pipelines_a_whole_transaction() {
     assert!(c.read_reply().unwrap().starts_with("250 2.1.5"));
     assert!(c.read_reply().unwrap().starts_with("354"));
     c.send(b"From: info@acme.test\r\nSubject: pipelined\r\n\r\n..dot\r\n.\r\nQUIT\r\n");
-    assert!(c.read_reply().unwrap().starts_with("250 2.0.0 Ok: queued as"));
+    assert!(
+        c.read_reply()
+            .unwrap()
+            .starts_with("250 2.0.0 Ok: queued as")
+    );
     assert!(c.read_reply().unwrap().starts_with("221"));
     let m = &sink.wait_for(1, WAIT)[0];
     assert!(m.text().ends_with("\r\n\r\n.dot\r\n"), "{:?}", m.text());

@@ -135,7 +135,10 @@ impl Sink {
             .map(|d| {
                 d.filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                    .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                    .filter(|p| {
+                        !p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -153,7 +156,9 @@ impl Sink {
                         .flatten()
                         .filter_map(|r| r.as_str().map(str::to_string))
                         .collect(),
-                    data: B64.decode(v["data_b64"].as_str().unwrap_or_default()).expect("b64"),
+                    data: B64
+                        .decode(v["data_b64"].as_str().unwrap_or_default())
+                        .expect("b64"),
                 }
             })
             .collect()
@@ -183,7 +188,9 @@ impl Sink {
             let _ = child.kill();
             let _ = child.wait();
         }
-        wait_until("the sink to stop", Duration::from_secs(5), || !port_open(self.port));
+        wait_until("the sink to stop", Duration::from_secs(5), || {
+            !port_open(self.port)
+        });
     }
 }
 
@@ -214,8 +221,16 @@ impl RelayConfig {
         let submissions = free_port();
         c.set("server", "hostname", "\"relay.test\"")
             .set("server", "data_dir", "\"data\"")
-            .set("server", "submission", &format!("[\"127.0.0.1:{submission}\"]"))
-            .set("server", "submissions", &format!("[\"127.0.0.1:{submissions}\"]"))
+            .set(
+                "server",
+                "submission",
+                &format!("[\"127.0.0.1:{submission}\"]"),
+            )
+            .set(
+                "server",
+                "submissions",
+                &format!("[\"127.0.0.1:{submissions}\"]"),
+            )
             .set("server", "admin_socket", "\"data/admin.sock\"")
             .set("server", "shutdown_timeout", "\"5s\"")
             .set("tls", "cert", "\"certs/test.crt\"")
@@ -234,8 +249,10 @@ impl RelayConfig {
     }
 
     pub fn set(&mut self, section: &str, key: &str, toml_value: &str) -> &mut RelayConfig {
-        self.values
-            .insert((section.to_string(), key.to_string()), toml_value.to_string());
+        self.values.insert(
+            (section.to_string(), key.to_string()),
+            toml_value.to_string(),
+        );
         self
     }
 
@@ -471,7 +488,11 @@ impl SwaksResult {
     }
 
     pub fn assert_code(&self, code: i32) -> &SwaksResult {
-        assert_eq!(self.code, code, "swaks exit code; transcript:\n{}", self.transcript);
+        assert_eq!(
+            self.code, code,
+            "swaks exit code; transcript:\n{}",
+            self.transcript
+        );
         self
     }
 

@@ -63,7 +63,8 @@ fn wrap_tls(tcp: TcpStream, cert: &Path) -> Stream {
 impl RawClient {
     fn tcp(port: u16) -> TcpStream {
         let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the relay");
-        tcp.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        tcp.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
         tcp
     }
 
