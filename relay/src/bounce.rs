@@ -123,6 +123,7 @@ mod tests {
                 address: "bad@example.org".into(),
                 status: RecipientStatus::Failed,
                 last_reply: Some("550 5.1.1 no such user".into()),
+                bounced: false,
             }],
             size: 10,
             received_at: now,

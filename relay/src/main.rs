@@ -220,7 +220,7 @@ fn main() -> ExitCode {
         return match runtime.block_on(server::run(config)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(event = "fatal", error = %e, "cannot run");
+                // One line on stderr (where the log goes too), nothing else.
                 eprintln!("domauth: {e}");
                 ExitCode::from(1)
             }

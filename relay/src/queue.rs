@@ -235,12 +235,8 @@ async fn deliver(shared: &Shared, id: &str, conn: &mut Option<Connection>) -> Re
         msg.last_error = last_error;
     }
 
-    let still_pending = msg
-        .recipients
-        .iter()
-        .any(|r| r.status == RecipientStatus::Pending);
     let age = (Utc::now() - msg.received_at).to_std().unwrap_or_default();
-    if still_pending && age >= shared.settings.max_lifetime {
+    if age >= shared.settings.max_lifetime {
         let why = msg.last_error.clone().unwrap_or_else(|| "no reply".into());
         for r in msg
             .recipients
@@ -248,42 +244,87 @@ async fn deliver(shared: &Shared, id: &str, conn: &mut Option<Connection>) -> Re
             .filter(|r| r.status == RecipientStatus::Pending)
         {
             r.status = RecipientStatus::Failed;
+            // RFC 3463 5.4.7: delivery time expired.
             r.last_reply = Some(format!(
-                "message expired after {} in the queue; last error: {why}",
+                "554 5.4.7 Delivery time expired: the message was {} in the queue; last error: {why}",
                 humantime::format_duration(shared.settings.max_lifetime)
             ));
         }
-    } else if still_pending {
-        let delay = backoff(
-            msg.attempts,
-            shared.settings.retry_initial,
-            shared.settings.retry_max,
-        );
-        msg.next_attempt =
-            Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-        match store.update_queued(&msg) {
-            Ok(()) => shared.handle.wake_after(msg.id.clone(), delay),
-            Err(domauth_store::StoreError::NotFound(_)) => {} // deleted meanwhile
-            Err(e) => return Err(e.to_string()),
-        }
-        return Ok(());
     }
-    finish(shared, &msg, &body).await
-}
+    // Failures are bounced right after the attempt that found them, not
+    // when the last deferred recipient of the message is settled.
+    bounce_new_failures(shared, &mut msg, &body).await?;
 
-/// Every recipient has a final status: bounce the failures (not for a
-/// null sender, and never for a bounce: RFC 5321 §4.5.5), then dequeue.
-async fn finish(shared: &Shared, msg: &QueuedMessage, body: &[u8]) -> Result<(), String> {
-    let failed: Vec<FailedRecipient<'_>> = msg
+    let still_pending = msg
         .recipients
         .iter()
-        .filter(|r| r.status == RecipientStatus::Failed)
-        .map(|r| FailedRecipient {
-            address: &r.address,
-            diagnostic: r.last_reply.as_deref().unwrap_or("delivery failed"),
-        })
+        .any(|r| r.status == RecipientStatus::Pending);
+    if !still_pending {
+        match store.dequeue(&msg.id) {
+            Ok(()) | Err(domauth_store::StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let failed = msg
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Failed)
+            .count();
+        tracing::info!(
+            event = "message_done",
+            id = %msg.id,
+            delivered = msg.recipients.len() - failed,
+            failed,
+            "removed from queue"
+        );
+        return Ok(());
+    }
+    let delay = backoff(
+        msg.attempts,
+        shared.settings.retry_initial,
+        shared.settings.retry_max,
+    );
+    msg.next_attempt =
+        Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+    match store.update_queued(&msg) {
+        Ok(()) => shared.handle.wake_after(msg.id.clone(), delay),
+        Err(domauth_store::StoreError::NotFound(_)) => {} // deleted meanwhile
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(())
+}
+
+/// Queues one DSN for the failed recipients not bounced yet, and marks them
+/// bounced. None for a null sender, and never for a bounce (RFC 5321
+/// §4.5.5). The DSN is durable before the mark is written: a crash in
+/// between repeats the DSN, it never loses it.
+async fn bounce_new_failures(
+    shared: &Shared,
+    msg: &mut QueuedMessage,
+    body: &[u8],
+) -> Result<(), String> {
+    let fresh: Vec<usize> = msg
+        .recipients
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == RecipientStatus::Failed && !r.bounced)
+        .map(|(i, _)| i)
         .collect();
-    if !failed.is_empty() && !msg.from.is_empty() && !msg.is_bounce {
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    if msg.from.is_empty() || msg.is_bounce {
+        tracing::info!(event = "dropped", id = %msg.id, failed = fresh.len(), "undeliverable, no bounce (null sender or bounce)");
+    } else {
+        let failed: Vec<FailedRecipient<'_>> = fresh
+            .iter()
+            .map(|&i| {
+                let r = &msg.recipients[i];
+                FailedRecipient {
+                    address: &r.address,
+                    diagnostic: r.last_reply.as_deref().unwrap_or("delivery failed"),
+                }
+            })
+            .collect();
         let now = Utc::now();
         let dsn = bounce::build(&shared.settings.hostname, msg, body, &failed, now);
         let record = QueuedMessage {
@@ -293,6 +334,7 @@ async fn finish(shared: &Shared, msg: &QueuedMessage, body: &[u8]) -> Result<(),
                 address: msg.from.clone(),
                 status: RecipientStatus::Pending,
                 last_reply: None,
+                bounced: false,
             }],
             size: dsn.len() as u64,
             received_at: now,
@@ -303,17 +345,11 @@ async fn finish(shared: &Shared, msg: &QueuedMessage, body: &[u8]) -> Result<(),
             is_bounce: true,
         };
         tracing::info!(event = "bounce", id = %msg.id, bounce_id = %record.id, to = %msg.from, failed = failed.len(), "bouncing");
-        // The bounce is durable before the original goes: a crash between
-        // the two repeats the bounce, it never loses it.
         shared.spool.insert(record, &dsn).await?;
-    } else if !failed.is_empty() {
-        tracing::info!(event = "dropped", id = %msg.id, failed = failed.len(), "undeliverable, no bounce (null sender or bounce)");
     }
-    match shared.store.dequeue(&msg.id) {
-        Ok(()) | Err(domauth_store::StoreError::NotFound(_)) => {}
-        Err(e) => return Err(e.to_string()),
+    for i in fresh {
+        msg.recipients[i].bounced = true;
     }
-    tracing::info!(event = "message_done", id = %msg.id, delivered = msg.recipients.len() - failed.len(), failed = failed.len(), "removed from queue");
     Ok(())
 }
 

@@ -58,6 +58,7 @@ impl Spool {
                     address,
                     status: RecipientStatus::Pending,
                     last_reply: None,
+                    bounced: false,
                 })
                 .collect(),
             size: accepted.message.len() as u64,

@@ -25,6 +25,11 @@ pub struct QueueRecipient {
     pub status: RecipientStatus,
     /// Upstream's last reply for this recipient, for the log and the DSN.
     pub last_reply: Option<String>,
+    /// A DSN for this (failed) recipient has been queued: a failure is
+    /// bounced once, right after the attempt that found it, even while
+    /// other recipients of the message are still being retried.
+    #[serde(default)]
+    pub bounced: bool,
 }
 
 /// The envelope and delivery state of a queued message; the body is stored apart.
@@ -141,11 +146,13 @@ mod tests {
                     address: "a@dest.example".into(),
                     status: RecipientStatus::Pending,
                     last_reply: None,
+                    bounced: false,
                 },
                 QueueRecipient {
                     address: "b@dest.example".into(),
                     status: RecipientStatus::Pending,
                     last_reply: None,
+                    bounced: false,
                 },
             ],
             size: 5,
