@@ -217,6 +217,7 @@ fn main() -> ExitCode {
     };
     let Some(command) = admin_command(cli.command) else {
         init_logging();
+        bound_malloc_retention();
         return match runtime.block_on(server::run(config)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -234,6 +235,20 @@ fn main() -> ExitCode {
             eprintln!("domauth: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, after
+/// which Argon2's 19 MiB buffers come from per-thread arenas that keep the
+/// memory: a few dozen logins on different blocking threads left hundreds
+/// of MiB resident. A fixed threshold sends every block of 1 MiB or more
+/// straight back to the OS when freed.
+fn bound_malloc_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread
+    // of ours allocates large blocks.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 

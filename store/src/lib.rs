@@ -30,7 +30,9 @@
 //!   `hosting\0address`); `account_index` is the same relation the other way round, so that
 //!   "which hostings list this address" is a prefix scan. Both are always written together
 //!   in one transaction.
-//! - `queue_meta` and `queue_body` are written and removed together in one transaction.
+//! - `queue_meta` and `queue_body` are written body first and removed envelope first,
+//!   without a transaction (it would cost more than the rest of the hot path); `open`
+//!   sweeps the unacknowledged half-pairs a crash can leave.
 //!   Queue ids are opaque here; the relay makes them sort by time of acceptance.
 //!
 //! Hosting names are `[a-z0-9._-]{1,63}`, domains are normalized by
@@ -102,8 +104,14 @@ impl Store {
     /// Opens (or creates) the store in `dir`. sled allows one process per directory: a
     /// second open fails at once (an I/O error, `WouldBlock`).
     pub fn open(dir: &Path) -> Result<Store> {
-        let db = sled::Config::new().path(dir).open()?;
-        Ok(Store {
+        // sled's page cache defaults to 1 GiB; the queue streams through it,
+        // so bound it (the working set of hostings and domains is small).
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let store = Store {
             hostings: db.open_tree("hostings")?,
             own_domains: db.open_tree("own_domains")?,
             mailboxes: db.open_tree("mailboxes")?,
@@ -113,7 +121,9 @@ impl Store {
             queue_meta: db.open_tree("queue_meta")?,
             queue_body: db.open_tree("queue_body")?,
             db,
-        })
+        };
+        store.sweep_queue()?;
+        Ok(store)
     }
 
     /// Writes everything buffered to disk and fsyncs (all trees share one log).

@@ -2,10 +2,9 @@
 //! This is the boundary between the SMTP side and delivery (STYLE.md): the session writes
 //! here, the scheduler reads here.
 
-use crate::{Result, Store, StoreError, abort, decode, encode, tx_result};
+use crate::{Result, Store, StoreError, decode, encode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -50,28 +49,26 @@ pub struct QueuedMessage {
 }
 
 impl Store {
-    /// Stores a message: envelope and body in one transaction, so the queue never holds one
-    /// without the other. Does not flush: the caller group-commits with
-    /// [`Store::flush_async`] before answering `250`.
+    /// Stores a message. No transaction (they cost more than the whole SMTP
+    /// transaction on the hot path): the body is written before the envelope,
+    /// so an envelope never exists without its body. A crash can leave a body
+    /// without an envelope, from a write that was never flushed and so never
+    /// acknowledged; [`Store::open`] sweeps those. Does not flush: the caller
+    /// group-commits with [`Store::flush`] before answering `250`.
     pub fn enqueue(&self, msg: &QueuedMessage, body: &[u8]) -> Result<()> {
         if msg.id.is_empty() {
             return Err(StoreError::Invalid("empty queue id".into()));
         }
         let id = msg.id.as_bytes();
-        let meta = encode(msg);
-        tx_result(
-            (&self.queue_meta, &self.queue_body).transaction(|(metas, bodies)| {
-                if metas.get(id)?.is_some() {
-                    return abort(StoreError::Conflict(format!(
-                        "queue id {} already exists",
-                        msg.id
-                    )));
-                }
-                metas.insert(id, meta.as_slice())?;
-                bodies.insert(id, body)?;
-                Ok(())
-            }),
-        )
+        if self.queue_meta.contains_key(id)? {
+            return Err(StoreError::Conflict(format!(
+                "queue id {} already exists",
+                msg.id
+            )));
+        }
+        self.queue_body.insert(id, body)?;
+        self.queue_meta.insert(id, encode(msg))?;
+        Ok(())
     }
 
     /// Every queued message, ordered by id.
@@ -101,29 +98,48 @@ impl Store {
 
     /// Overwrites the envelope and delivery state (never the body). A message dequeued
     /// meanwhile (`queue delete` racing a delivery) is not brought back: `NotFound`.
+    /// One atomic read-modify-write of one key.
     pub fn update_queued(&self, msg: &QueuedMessage) -> Result<()> {
-        let id = msg.id.as_bytes();
         let meta = encode(msg);
-        tx_result(self.queue_meta.transaction(|metas| {
-            if metas.get(id)?.is_none() {
-                return abort(no_message(&msg.id));
-            }
-            metas.insert(id, meta.as_slice())?;
-            Ok(())
-        }))
+        let previous = self
+            .queue_meta
+            .fetch_and_update(msg.id.as_bytes(), |old| old.map(|_| meta.clone()))?;
+        match previous {
+            Some(_) => Ok(()),
+            None => Err(no_message(&msg.id)),
+        }
     }
 
-    /// Removes a message (envelope and body) in one transaction.
+    /// Removes a message: the envelope first (from then on it is gone for every
+    /// reader), then the body.
     pub fn dequeue(&self, id: &str) -> Result<()> {
-        tx_result(
-            (&self.queue_meta, &self.queue_body).transaction(|(metas, bodies)| {
-                if metas.remove(id.as_bytes())?.is_none() {
-                    return abort(no_message(id));
-                }
-                bodies.remove(id.as_bytes())?;
-                Ok(())
-            }),
-        )
+        if self.queue_meta.remove(id.as_bytes())?.is_none() {
+            return Err(no_message(id));
+        }
+        self.queue_body.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes what a crash may have left half-written: bodies without an
+    /// envelope (an enqueue cut short) and envelopes without a body (only
+    /// possible if a crash undid the body write). Neither was acknowledged.
+    pub(crate) fn sweep_queue(&self) -> Result<usize> {
+        let mut removed = 0;
+        for entry in self.queue_body.iter().keys() {
+            let id = entry?;
+            if !self.queue_meta.contains_key(&id)? {
+                self.queue_body.remove(&id)?;
+                removed += 1;
+            }
+        }
+        for entry in self.queue_meta.iter().keys() {
+            let id = entry?;
+            if !self.queue_body.contains_key(&id)? {
+                self.queue_meta.remove(&id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -247,6 +263,33 @@ mod tests {
         assert_eq!(
             store.hosting_of_domain("acme.example").unwrap().as_deref(),
             Some("acme")
+        );
+    }
+
+    #[test]
+    fn open_sweeps_half_written_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.enqueue(&message("0001"), b"kept").unwrap();
+            // What a crash between the two writes (or a lost body) leaves.
+            store
+                .queue_body
+                .insert("0002", &b"orphan body"[..])
+                .unwrap();
+            store
+                .queue_meta
+                .insert("0003", encode(&message("0003")))
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let ids: Vec<String> = store.queued().unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec!["0001"]);
+        assert_eq!(store.queue_body("0002").unwrap(), None);
+        assert_eq!(
+            store.queue_body("0001").unwrap().as_deref(),
+            Some(&b"kept"[..])
         );
     }
 }

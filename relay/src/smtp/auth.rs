@@ -147,6 +147,10 @@ pub struct Authenticator {
     /// A real hash to verify unknown logins against, so that an unknown
     /// login costs the same time as a wrong password.
     dummy_phc: String,
+    /// Argon2 runs at most once per core at a time: each run takes ~19 MiB
+    /// and a burst of logins would otherwise fill the blocking pool (512
+    /// threads) and the memory with hashes.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl Authenticator {
@@ -165,6 +169,9 @@ impl Authenticator {
             settings,
             cache_key,
             dummy_phc,
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         }))
     }
 
@@ -176,6 +183,16 @@ impl Authenticator {
         mac.update(&[0]);
         mac.update(password.as_bytes());
         mac.finalize().into_bytes().into()
+    }
+
+    /// A live cache entry for these credentials, valid only while the
+    /// mailbox still has the password hash it was verified against.
+    fn cached(&self, id: &[u8; 32], mailbox: Option<&domauth_store::Mailbox>) -> Option<Login> {
+        let mailbox = mailbox?;
+        let cache = lock(&self.cache);
+        let entry = cache.get(id)?;
+        (entry.expires > Instant::now() && entry.phc == mailbox.password_hash)
+            .then(|| entry.login.clone())
     }
 
     /// Checks credentials; the outcome feeds [`super::session::Session::auth_result`].
@@ -199,15 +216,18 @@ impl Authenticator {
             }
         };
         let id = self.cache_id(&login, &creds.password);
-        if let Some(mailbox) = &mailbox {
-            let cache = lock(&self.cache);
-            if let Some(entry) = cache.get(&id)
-                && entry.expires > now
-                && entry.phc == mailbox.password_hash
-            {
-                tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
-                return AuthResult::Success(entry.login.clone());
-            }
+        if let Some(hit) = self.cached(&id, mailbox.as_ref()) {
+            tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
+            return AuthResult::Success(hit);
+        }
+        let Ok(permit) = self.hashing.acquire().await else {
+            return AuthResult::TemporaryFailure;
+        };
+        // While we waited, another session may have verified the same
+        // credentials (a client opening many sessions at once).
+        if let Some(hit) = self.cached(&id, mailbox.as_ref()) {
+            tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
+            return AuthResult::Success(hit);
         }
 
         let phc = mailbox
@@ -218,6 +238,8 @@ impl Authenticator {
         let verified = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
             .await
             .unwrap_or(false);
+        // The failure delay below must not hold up other logins' hashing.
+        drop(permit);
 
         match mailbox {
             Some(mailbox) if verified => {
