@@ -1,0 +1,277 @@
+//! domauth-bench: load generator, counting SMTP sink and idle-connection holder.
+//! Every address must be on loopback; every wait is bounded.
+
+mod client;
+mod hold;
+mod load;
+mod sink;
+mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use client::TlsMode;
+
+#[derive(Parser)]
+#[command(
+    name = "domauth-bench",
+    about = "Benchmark tools for the domauth SMTP relay (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N concurrent sessions, each sending K messages of S bytes.
+    Load {
+        /// Server address (loopback only).
+        #[arg(long, default_value = "127.0.0.1:2587")]
+        server: String,
+        #[arg(long, value_enum, default_value = "starttls")]
+        tls: TlsMode,
+        /// Concurrent sessions (at most 20000).
+        #[arg(long, default_value_t = 20)]
+        sessions: usize,
+        /// Messages per session.
+        #[arg(long, default_value_t = 250)]
+        messages: usize,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 10240)]
+        size: usize,
+        /// A file of `login:password` lines, or a comma-separated list of pairs.
+        #[arg(long)]
+        mailboxes: Option<String>,
+        /// Login pattern, `{i}` replaced by 1..=--mailbox-count (e.g. `user{i}@bench.test`).
+        #[arg(long)]
+        mailbox_pattern: Option<String>,
+        /// Password for --mailbox-pattern logins.
+        #[arg(long, default_value = "pw")]
+        password: String,
+        #[arg(long, default_value_t = 20)]
+        mailbox_count: usize,
+        /// Envelope and header recipient.
+        #[arg(long, default_value = "sink@example.org")]
+        rcpt: String,
+        /// Skip AUTH (MAIL FROM is the mailbox login if given, else bench@bench.test).
+        #[arg(long)]
+        no_auth: bool,
+        /// Print one JSON object on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counting SMTP sink: 250 to everything, counts messages.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        listen: String,
+        /// Written atomically as `count first_ts_ms last_ts_ms`.
+        #[arg(long)]
+        count_file: Option<PathBuf>,
+        /// Testing aid: offer STARTTLS (self-signed) or implicit TLS, and accept any AUTH.
+        #[arg(long, value_enum, default_value = "none")]
+        tls: TlsMode,
+    },
+    /// Open N sessions and hold them idle for T seconds.
+    Hold {
+        #[arg(long, default_value = "127.0.0.1:2587")]
+        server: String,
+        #[arg(long, value_enum, default_value = "starttls")]
+        tls: TlsMode,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// `login:password`
+        #[arg(long)]
+        auth: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Written with the number of opened connections once set-up is complete.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Raise RLIMIT_NOFILE's soft limit towards `want` (up to the hard limit); returns the
+/// resulting soft limit.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < want {
+            let new = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(want),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) == 0 {
+                return new.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+fn split_pair(s: &str) -> Result<(String, String)> {
+    let (l, p) = s
+        .split_once(':')
+        .with_context(|| format!("expected login:password, got {s:?}"))?;
+    if l.is_empty() {
+        bail!("empty login in {s:?}");
+    }
+    Ok((l.to_string(), p.to_string()))
+}
+
+fn mailboxes(
+    list: Option<String>,
+    pattern: Option<String>,
+    password: &str,
+    count: usize,
+) -> Result<Vec<(String, String)>> {
+    if let Some(list) = list {
+        let text = if std::path::Path::new(&list).is_file() {
+            std::fs::read_to_string(&list).with_context(|| format!("read {list}"))?
+        } else {
+            list.replace(',', "\n")
+        };
+        let v = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(split_pair)
+            .collect::<Result<Vec<_>>>()?;
+        if v.is_empty() {
+            bail!("--mailboxes: no login:password pairs");
+        }
+        return Ok(v);
+    }
+    if let Some(p) = pattern {
+        if count == 0 || count > 100_000 {
+            bail!("--mailbox-count must be 1..=100000");
+        }
+        return Ok((1..=count)
+            .map(|i| (p.replace("{i}", &i.to_string()), password.to_string()))
+            .collect());
+    }
+    Ok(Vec::new())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("domauth-bench: runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(real_main(cli)) {
+        eprintln!("domauth-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Load {
+            server,
+            tls,
+            sessions,
+            messages,
+            size,
+            mailboxes: list,
+            mailbox_pattern,
+            password,
+            mailbox_count,
+            rcpt,
+            no_auth,
+            json,
+        } => {
+            let server = client::parse_loopback(&server)?;
+            let mailboxes = mailboxes(list, mailbox_pattern, &password, mailbox_count)?;
+            load::run(load::LoadOpts {
+                server,
+                tls,
+                sessions,
+                messages,
+                size,
+                mailboxes,
+                rcpt,
+                no_auth,
+                json,
+            })
+            .await
+        }
+        Cmd::Sink {
+            listen,
+            count_file,
+            tls,
+        } => {
+            let listen = client::parse_loopback(&listen)?;
+            raise_nofile(65_536);
+            let tls = match tls {
+                TlsMode::None => sink::SinkTls::None,
+                TlsMode::Starttls => sink::SinkTls::Starttls,
+                TlsMode::Implicit => sink::SinkTls::Implicit,
+            };
+            sink::run(listen, count_file, tls).await
+        }
+        Cmd::Hold {
+            server,
+            tls,
+            connections,
+            auth,
+            seconds,
+            ready_file,
+            json,
+        } => {
+            let server = client::parse_loopback(&server)?;
+            let auth = auth.as_deref().map(split_pair).transpose()?;
+            hold::run(hold::HoldOpts {
+                server,
+                tls,
+                connections,
+                auth,
+                seconds,
+                ready_file,
+                json,
+            })
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_only() {
+        assert!(client::parse_loopback("127.0.0.1:25").is_ok());
+        assert!(client::parse_loopback("127.3.2.1:25").is_ok());
+        assert!(client::parse_loopback("[::1]:25").is_ok());
+        assert!(client::parse_loopback("localhost:25").is_ok());
+        assert!(client::parse_loopback("10.0.0.1:25").is_err());
+        assert!(client::parse_loopback("example.org:25").is_err());
+    }
+
+    #[test]
+    fn mailbox_sources() {
+        let v = mailboxes(Some("a@x:p1,b@x:p:2".into()), None, "", 0).unwrap();
+        assert_eq!(v[1], ("b@x".to_string(), "p:2".to_string()));
+        let v = mailboxes(None, Some("user{i}@bench.test".into()), "pw", 3).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].0, "user1@bench.test");
+    }
+}
