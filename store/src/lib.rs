@@ -1,8 +1,8 @@
 //! The sled-backed data model of domauth: hostings, their mailboxes, the external domains
 //! they proved they control, the accounts of those domains, and the message queue.
 //!
-//! No networking and no async logic lives here (only [`Store::flush_async`], which hands
-//! sled's fsync to the caller's runtime). Every operation is a method of [`Store`], in the
+//! No networking and no async logic lives here; [`Store::flush`] blocks on fsync, so async
+//! callers run it on a blocking thread. Every operation is a method of [`Store`], in the
 //! file of the record it is about.
 //!
 //! # Trees and key layout
@@ -22,7 +22,7 @@
 //! | `accounts`      | `hosting\0address`   | [`AuthorizedAccount`]                   |
 //! | `account_index` | `address\0hosting`   | empty                                   |
 //! | `queue_meta`    | `id`                 | [`QueuedMessage`]                       |
-//! | `queue_body`    | `id`                 | the message bytes as accepted           |
+//! | `queue_body`    | `id`                 | where the body is in the body log (24 bytes) |
 //!
 //! - `own_domains` is the index of [`Hosting::domains`]: a domain is the own domain of at
 //!   most one hosting, and a mailbox's hosting is found from its address's domain.
@@ -30,9 +30,12 @@
 //!   `hosting\0address`); `account_index` is the same relation the other way round, so that
 //!   "which hostings list this address" is a prefix scan. Both are always written together
 //!   in one transaction.
-//! - `queue_meta` and `queue_body` are written body first and removed envelope first,
-//!   without a transaction (it would cost more than the rest of the hot path); `open`
-//!   sweeps the unacknowledged half-pairs a crash can leave.
+//! - Message bodies live outside sled, in the append-only segment files of `bodies/`
+//!   (see `bodylog.rs`); `queue_body` holds where each one is. A message is written body
+//!   first (log, then `queue_body`), envelope last, and removed envelope first, without a
+//!   transaction (it would cost more than the rest of the hot path). `open` sweeps what a
+//!   crash can leave half-written; none of it was acknowledged, as the group-commit flush
+//!   covers all of a message's writes.
 //!   Queue ids are opaque here; the relay makes them sort by time of acceptance.
 //!
 //! Hosting names are `[a-z0-9._-]{1,63}`, domains are normalized by
@@ -40,11 +43,13 @@
 //!
 //! # Durability
 //!
-//! Writes are not flushed by the store. sled flushes in the background every 500 ms; a
-//! caller that promises durability (the SMTP `250` after DATA) calls [`Store::flush`] or
-//! [`Store::flush_async`] first, once for many writes if it can (group commit).
+//! Writes are not flushed by the store. sled flushes in the background every 500 ms, the
+//! body log never by itself; a caller that promises durability (the SMTP `250` after DATA)
+//! calls [`Store::flush`] first (body log `fdatasync`, then sled), once for many writes if
+//! it can (group commit).
 
 mod account;
+mod bodylog;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -80,6 +85,9 @@ pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
     /// A stored value that does not decode: never panic on what is on disk.
+    /// A file of the body log could not be written or read.
+    #[error("storage error: {0}")]
+    Io(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
 }
@@ -98,6 +106,7 @@ pub struct Store {
     account_index: sled::Tree,
     queue_meta: sled::Tree,
     queue_body: sled::Tree,
+    bodies: std::sync::Arc<bodylog::BodyLog>,
 }
 
 impl Store {
@@ -120,6 +129,7 @@ impl Store {
             account_index: db.open_tree("account_index")?,
             queue_meta: db.open_tree("queue_meta")?,
             queue_body: db.open_tree("queue_body")?,
+            bodies: std::sync::Arc::new(bodylog::BodyLog::open(&dir.join("bodies"))?),
             db,
         };
         store.sweep_queue()?;
@@ -128,13 +138,8 @@ impl Store {
 
     /// Writes everything buffered to disk and fsyncs (all trees share one log).
     pub fn flush(&self) -> Result<()> {
+        self.bodies.sync()?;
         self.db.flush()?;
-        Ok(())
-    }
-
-    /// [`Store::flush`] without blocking the async runtime.
-    pub async fn flush_async(&self) -> Result<()> {
-        self.db.flush_async().await?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! This is the boundary between the SMTP side and delivery (STYLE.md): the session writes
 //! here, the scheduler reads here.
 
-use crate::{Result, Store, StoreError, decode, encode};
+use crate::{Result, Store, StoreError, bodylog::BodyRef, decode, encode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +66,8 @@ impl Store {
                 msg.id
             )));
         }
-        self.queue_body.insert(id, body)?;
+        let at = self.bodies.append(body)?;
+        self.queue_body.insert(id, &encode_ref(&at)[..])?;
         self.queue_meta.insert(id, encode(msg))?;
         Ok(())
     }
@@ -93,7 +94,10 @@ impl Store {
     }
 
     pub fn queue_body(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.queue_body.get(id)?.map(|v| v.to_vec()))
+        match self.queue_body.get(id)?.and_then(|v| decode_ref(&v)) {
+            Some(at) => self.bodies.read(&at),
+            None => Ok(None),
+        }
     }
 
     /// Overwrites the envelope and delivery state (never the body). A message dequeued
@@ -116,18 +120,35 @@ impl Store {
         if self.queue_meta.remove(id.as_bytes())?.is_none() {
             return Err(no_message(id));
         }
-        self.queue_body.remove(id.as_bytes())?;
+        if let Some(at) = self
+            .queue_body
+            .remove(id.as_bytes())?
+            .and_then(|v| decode_ref(&v))
+        {
+            self.bodies.release(&at);
+        }
         Ok(())
     }
 
     /// Removes what a crash may have left half-written: bodies without an
-    /// envelope (an enqueue cut short) and envelopes without a body (only
-    /// possible if a crash undid the body write). Neither was acknowledged.
+    /// envelope (an enqueue cut short), bodies whose record in the log is
+    /// missing or damaged (written but never synced), and envelopes without a
+    /// body. None of it was acknowledged. Then counts the live bodies so the
+    /// log can delete segments nobody refers to.
     pub(crate) fn sweep_queue(&self) -> Result<usize> {
         let mut removed = 0;
-        for entry in self.queue_body.iter().keys() {
-            let id = entry?;
-            if !self.queue_meta.contains_key(&id)? {
+        for entry in self.queue_body.iter() {
+            let (id, value) = entry?;
+            let at = decode_ref(&value);
+            let intact = match &at {
+                Some(at) => self.bodies.read(at)?.is_some(),
+                None => false,
+            };
+            if intact && self.queue_meta.contains_key(&id)? {
+                if let Some(at) = at {
+                    self.bodies.retain(&at);
+                }
+            } else {
                 self.queue_body.remove(&id)?;
                 removed += 1;
             }
@@ -139,8 +160,31 @@ impl Store {
                 removed += 1;
             }
         }
+        self.bodies.remove_unreferenced()?;
         Ok(removed)
     }
+}
+
+/// `segment u64 | offset u64 | len u32 | crc u32`, little-endian.
+fn encode_ref(at: &BodyRef) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..8].copy_from_slice(&at.segment.to_le_bytes());
+    out[8..16].copy_from_slice(&at.offset.to_le_bytes());
+    out[16..20].copy_from_slice(&at.len.to_le_bytes());
+    out[20..].copy_from_slice(&at.crc.to_le_bytes());
+    out
+}
+
+fn decode_ref(raw: &[u8]) -> Option<BodyRef> {
+    let raw: &[u8; 24] = raw.try_into().ok()?;
+    let u64_at = |i: usize| raw[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+    let u32_at = |i: usize| raw[i..i + 4].try_into().ok().map(u32::from_le_bytes);
+    Some(BodyRef {
+        segment: u64_at(0)?,
+        offset: u64_at(8)?,
+        len: u32_at(16)?,
+        crc: u32_at(20)?,
+    })
 }
 
 fn no_message(id: &str) -> StoreError {
