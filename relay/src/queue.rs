@@ -165,14 +165,8 @@ async fn worker(
 }
 
 async fn close(conn: Option<Connection>) {
-    match conn {
-        Some(Connection::Plain(c)) => {
-            let _ = c.quit().await;
-        }
-        Some(Connection::Tls(c)) => {
-            let _ = c.quit().await;
-        }
-        None => {}
+    if let Some(c) = conn {
+        c.quit().await;
     }
 }
 
