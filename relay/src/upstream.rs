@@ -373,10 +373,11 @@ fn tls_connector(
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// `upstream.tls_insecure`: for a smarthost on loopback with a self-signed
-/// certificate. Signatures are still checked; only the chain is not.
+/// `upstream.tls_insecure` (and the benchmark's client): for a peer on
+/// loopback with a self-signed certificate. Handshake signatures are still
+/// checked; only the certificate chain is not.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAnyCertificate(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AcceptAnyCertificate {
     fn verify_server_cert(
