@@ -76,7 +76,30 @@ pub fn check_headers(message: &[u8], login: &Login, policy: &dyn SenderPolicy) -
             reason: "message has no From header".into(),
         };
     }
+    // mail-parser drops blanks inside field names ("Fro m:" reads as From):
+    // the From headers it checked must be the message's real From lines.
+    if parsed.header_values(HeaderName::From).count() != raw_from_lines(headers) {
+        return refuse_unparsable("From");
+    }
     HeaderVerdict::Accept
+}
+
+/// Header lines whose field name is exactly `From` (any case, blanks allowed
+/// before the colon as RFC 5322 §4.5.3's obsolete syntax does).
+fn raw_from_lines(headers: &[u8]) -> usize {
+    headers
+        .split(|&b| b == b'\n')
+        .filter(|line| {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                return false;
+            };
+            let mut name = &line[..colon];
+            while let [rest @ .., b' ' | b'\t'] = name {
+                name = rest;
+            }
+            name.eq_ignore_ascii_case(b"from")
+        })
+        .count()
 }
 
 fn refuse_unparsable(label: &str) -> HeaderVerdict {
@@ -225,6 +248,10 @@ mod tests {
             ),
             // The body's lines are not headers.
             ("Subject: x\r\n\r\nFrom: info@acme.test\r\n", "550 5.6.0"),
+            // Found by fuzz/headers: mail-parser reads "Fro m" as From, so
+            // this message, which has no From line, was accepted.
+            ("Fro m:info@acme.test\r\n\r\n", "550 5.7.1 From header"),
+            (" From: info@acme.test\r\n\r\n", "550 5.7.1 From header"),
         ];
         for (m, expect) in refused {
             let got = verdict(m).expect_err(m);

@@ -257,7 +257,8 @@ impl Config {
         let de = toml::Deserializer::parse(text)
             .map_err(|e| format!("{}{}", line_of(&e), one_line(e.message())))?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            // A quoted TOML key may hold a newline: the path is user text too.
+            let key = one_line(&e.path().to_string());
             let msg = one_line(e.inner().message());
             if key == "." || key.is_empty() {
                 msg
@@ -366,7 +367,7 @@ impl Config {
 /// toml's errors span several lines with a source excerpt; the contract is one
 /// line naming the key, so keep the message (the caller adds the key path).
 fn one_line(msg: &str) -> String {
-    msg.trim().replace('\n', " ")
+    msg.trim().replace(['\r', '\n'], " ")
 }
 
 #[cfg(test)]
@@ -409,6 +410,9 @@ mod tests {
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
             ("[server\n", ""),
+            // Found by fuzz/config: the key path carried the raw newline.
+            ("[server]\n\"host\\nname\" = \"x\"", "host name"),
+            ("[server]\n\"host\\rname\" = \"x\"", "host name"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).expect_err(text);
