@@ -18,16 +18,40 @@ pub enum HeaderVerdict {
     Refuse { reply: Reply, reason: String },
 }
 
-/// The header block: everything up to and including the empty line (or the
-/// whole message when it has no body). Only this part is parsed.
+/// The header block as a strict reader sees it: header fields and their
+/// continuation lines, up to and including the empty line. A line that is
+/// neither (no colon, a blank inside the field name) ends the block: that is
+/// where Postfix's cleanup and mail clients start the body, while
+/// mail-parser would skip the line and read on. Checking only this block
+/// means we check exactly the headers the recipient will see.
 pub fn header_block(message: &[u8]) -> &[u8] {
-    if message.starts_with(b"\r\n") {
-        return &message[..0];
+    let mut pos = 0;
+    while pos < message.len() {
+        let end = memchr::memchr(b'\n', &message[pos..]).map_or(message.len(), |i| pos + i + 1);
+        let line = &message[pos..end];
+        if line == b"\r\n" {
+            return &message[..end];
+        }
+        let continuation = pos > 0 && matches!(line[0], b' ' | b'\t');
+        if !continuation && !is_field_line(line) {
+            return &message[..pos];
+        }
+        pos = end;
     }
-    match memchr::memmem::find(message, b"\r\n\r\n") {
-        Some(pos) => &message[..pos + 4],
-        None => message,
+    message
+}
+
+/// `name:` where the name is printable ASCII without blanks (RFC 5322
+/// §3.6.8), optionally followed by blanks before the colon (§4.5 obsolete).
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = memchr::memchr(b':', line) else {
+        return false;
+    };
+    let mut name = &line[..colon];
+    while let [rest @ .., b' ' | b'\t'] = name {
+        name = rest;
     }
+    !name.is_empty() && name.iter().all(|b| (33..=126).contains(b))
 }
 
 /// Every address in every `From:` must be owned by the login, and so must
@@ -216,6 +240,10 @@ mod tests {
             "From: info@acme.test\r\nSender: alias@ext.test\r\n\r\n",
             "Subject: x\r\nFrom: info@acme.test\r\n",
             "From: Info <info@acme.test>\r\nReply-To: anyone@else.test\r\n\r\n",
+            // The second From is body text to a strict reader.
+            "Subject: x\r\nFrom: info@acme.test\r\ngarbage\r\nFrom: bad@x.test\r\n",
+            "From : info@acme.test\r\n\r\n",
+            "Subject: folded\r\n  over two lines\r\nFrom: info@acme.test\r\n\r\n",
         ];
         for m in ok {
             assert_eq!(verdict(m), Ok(()), "{m:?}");
@@ -250,12 +278,40 @@ mod tests {
             ("Subject: x\r\n\r\nFrom: info@acme.test\r\n", "550 5.6.0"),
             // Found by fuzz/headers: mail-parser reads "Fro m" as From, so
             // this message, which has no From line, was accepted.
-            ("Fro m:info@acme.test\r\n\r\n", "550 5.7.1 From header"),
-            (" From: info@acme.test\r\n\r\n", "550 5.7.1 From header"),
+            ("Fro m:info@acme.test\r\n\r\n", "550 5.6.0"),
+            (" From: info@acme.test\r\n\r\n", "550 5.6.0"),
+            // A strict reader starts the body at a line that is no header:
+            // the From below it is body text, so the message has no From.
+            (
+                "Subject: x\r\ngarbage\r\nFrom: info@acme.test\r\n\r\n",
+                "550 5.6.0",
+            ),
         ];
         for (m, expect) in refused {
             let got = verdict(m).expect_err(m);
             assert!(got.contains(expect), "{m:?}: got {got:?}, want {expect:?}");
+        }
+    }
+
+    #[test]
+    fn header_block_ends_where_a_strict_reader_ends_it() {
+        let cases: &[(&str, &str)] = &[
+            ("A: 1\r\n\r\nbody\r\n", "A: 1\r\n\r\n"),
+            ("A: 1\r\n b\r\nC: 2\r\n\r\n", "A: 1\r\n b\r\nC: 2\r\n\r\n"),
+            ("A: 1\r\nno colon\r\nB: 2\r\n\r\n", "A: 1\r\n"),
+            ("A b: 1\r\n\r\n", ""),
+            (" A: 1\r\n\r\n", ""),
+            ("\r\nA: 1\r\n", "\r\n"),
+            ("A: 1\r\nB: 2\r\n", "A: 1\r\nB: 2\r\n"),
+            ("A : 1\r\n\r\n", "A : 1\r\n\r\n"),
+            ("", ""),
+        ];
+        for (message, block) in cases {
+            assert_eq!(
+                String::from_utf8_lossy(header_block(message.as_bytes())),
+                *block,
+                "{message:?}"
+            );
         }
     }
 
