@@ -416,7 +416,7 @@ fn plaintext_pipelined_behind_starttls_is_discarded() {
     expect(c.read_reply(), "220");
     c.cmd("EHLO client.test");
     c.starttls();
-    expect(Some(c.cmd("MAIL FROM:<info@acme.test>")), "503");
+    expect(Some(c.cmd("MAIL FROM:<info@acme.test>")), "530");
     let token = B64.encode(format!("\0{USER}\0{PASS}"));
     expect(Some(c.cmd(&format!("AUTH PLAIN {token}"))), "503");
     expect(Some(c.cmd("EHLO client.test")), "250-");

@@ -769,8 +769,10 @@ fn starttls_resets_the_session() {
     let (sink, relay) = setup();
     let mut c = plain(&relay);
     c.starttls();
-    // No EHLO after the handshake: the earlier one no longer counts.
-    expect(&c.cmd("MAIL FROM:<info@acme.test>"), "503");
+    // Nothing of the plaintext session survives the handshake: not logged
+    // in (530), and the earlier EHLO no longer counts (AUTH needs a new one).
+    expect(&c.cmd("MAIL FROM:<info@acme.test>"), "530");
+    expect(&c.cmd("AUTH PLAIN AGluZm9AYWNtZS50ZXN0AHNlY3JldA=="), "503");
     still_serves(&mut c);
     expect(&c.cmd("EHLO client.test"), "250");
     let token = B64.encode(format!("\0{USER}\0{PASS}"));

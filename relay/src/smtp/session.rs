@@ -252,12 +252,13 @@ impl Session {
     }
 
     fn auth(&mut self, mechanism: u64, initial: &str) -> Action {
-        if self.helo.is_none() || !self.esmtp {
-            return Action::Reply(reply::send_hello_first());
-        }
         // RFC 4954 §4 with RFC 6409 §4.3: never accept credentials in clear.
+        // This refusal comes first: it is the one the client must act on.
         if !self.tls {
             return Action::Reply(reply::auth_encryption_required());
+        }
+        if self.helo.is_none() || !self.esmtp {
+            return Action::Reply(reply::send_hello_first());
         }
         if self.login.is_some() {
             return Action::Reply(reply::auth_already());
@@ -345,12 +346,13 @@ impl Session {
     }
 
     fn mail(&mut self, address: &str, flags: u64, size: usize) -> Action {
-        if self.helo.is_none() {
-            return Action::Reply(reply::send_hello_first());
-        }
+        // RFC 4954 §6 / SPEC §4: 530 before anything else when not logged in.
         let Some(login) = &self.login else {
             return Action::Reply(reply::auth_required());
         };
+        if self.helo.is_none() {
+            return Action::Reply(reply::send_hello_first());
+        }
         if self.envelope.is_some() {
             return Action::Reply(reply::nested_mail());
         }
@@ -618,7 +620,8 @@ mod tests {
                 "MAIL FROM:<a@b.test>",
                 530,
             ),
-            (Listener::Submission, &[], "MAIL FROM:<a@b.test>", 503),
+            (Listener::Submission, &[], "MAIL FROM:<a@b.test>", 530),
+            (Listener::Submission, &[], "AUTH PLAIN AGEAYg==", 538),
             (Listener::Submission, &["EHLO c"], "RCPT TO:<a@b.test>", 503),
             (Listener::Submission, &["EHLO c"], "DATA", 530),
             (Listener::Submission, &["EHLO c"], "STARTTLS", 220),
