@@ -90,3 +90,36 @@ fn raw_client_pipelines_a_whole_transaction() {
     let m = &sink.wait_for(1, WAIT)[0];
     assert!(m.text().ends_with("\r\n\r\n.dot\r\n"), "{:?}", m.text());
 }
+
+#[test]
+fn a_password_change_takes_effect_at_once_despite_the_login_cache() {
+    let sink = Sink::start();
+    let relay = Relay::start(sink.port);
+    relay.add_mailbox("acme", "info@acme.test", "old-secret");
+    let send = |password: &str| {
+        relay
+            .swaks()
+            .auth("info@acme.test", password)
+            .from("info@acme.test")
+            .to("someone@example.org")
+            .run()
+    };
+    // Twice: the second login is served from the cache.
+    send("old-secret").assert_code(0);
+    send("old-secret").assert_code(0);
+    relay.cli_ok(&["mailbox", "passwd", "info@acme.test"], "new-secret\n");
+    send("old-secret")
+        .assert_code(28)
+        .assert_contains("535 5.7.8 Authentication credentials invalid");
+    send("new-secret").assert_code(0);
+    // The store keeps only an Argon2id hash, never the password.
+    let listed = relay.cli_ok(&["mailbox", "list", "--json"], "");
+    assert!(
+        !listed.contains("new-secret") && !listed.contains("argon2"),
+        "{listed}"
+    );
+    assert!(
+        !relay.log().contains("new-secret"),
+        "no password in the log"
+    );
+}
