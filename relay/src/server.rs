@@ -92,8 +92,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         )
     })?;
     let tls = tls::acceptor(&config.tls, &s.hostname)?;
-    let dns = DnsChecker::new(&config.dns.nameservers, config.dns.timeout.get())
-        .map_err(|e| format!("dns.nameservers: {e}"))?;
+    let dns = dns_checker(&config)?;
     let upstream = Upstream::from_config(&config)?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -219,6 +218,26 @@ pub async fn run(config: Config) -> Result<(), String> {
     let _ = std::fs::remove_file(&s.admin_socket);
     tracing::info!(event = "stopped", "domauth stopped");
     Ok(())
+}
+
+/// DNS only serves domain verification, so a machine without a usable
+/// resolv.conf (a bare container) still relays mail: the checks then go to
+/// 127.0.0.1:53 and report `dns error` until `dns.nameservers` is set.
+fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
+    let timeout = config.dns.timeout.get();
+    match DnsChecker::new(&config.dns.nameservers, timeout) {
+        Ok(dns) => Ok(dns),
+        Err(e) if config.dns.nameservers.is_empty() => {
+            tracing::warn!(
+                event = "no_nameserver",
+                error = %e,
+                "no system nameserver; domain checks use 127.0.0.1:53 until dns.nameservers is set"
+            );
+            DnsChecker::new(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
+                .map_err(|e| format!("dns.nameservers: {e}"))
+        }
+        Err(e) => Err(format!("dns.nameservers: {e}")),
+    }
 }
 
 async fn wait_for_signal() -> Result<(), String> {
