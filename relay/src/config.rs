@@ -22,11 +22,6 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
-    /// Directory the config file was read from: relative paths resolve against
-    /// the working directory, as operators expect from a systemd unit with
-    /// `WorkingDirectory=`.
-    #[serde(skip)]
-    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,9 +232,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        let mut config = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config.source = Some(path.to_path_buf());
-        Ok(config)
+        // Relative paths in the file resolve against the working directory,
+        // as with a systemd unit's `WorkingDirectory=`.
+        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Parses TOML text; pure, so the rules are unit-tested (and fuzzed).
