@@ -227,6 +227,7 @@ fn main() -> ExitCode {
             }
         };
     };
+    restore_sigpipe();
     let client = admin::client::AdminClient::new(&config.server.admin_socket);
     match runtime.block_on(admin::commands::run(&client, command, cli.json)) {
         Ok(done) if done.ok => ExitCode::SUCCESS,
@@ -235,6 +236,17 @@ fn main() -> ExitCode {
             eprintln!("domauth: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `domauth domain list | head -1` would panic on
+/// the closed pipe. A management command behaves like any Unix tool and ends
+/// quietly instead. (`serve` keeps ignoring it: a client closing its socket
+/// must not kill the server.)
+fn restore_sigpipe() {
+    // SAFETY: resetting a signal disposition before any thread writes.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
