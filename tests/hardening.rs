@@ -14,14 +14,13 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{Relay, RelayConfig, Sink, raw::RawClient};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::{ClientConnection, StreamOwned};
+use rustls_pki_types::ServerName;
 
 const WAIT: Duration = Duration::from_secs(20);
 const USER: &str = "info@acme.test";
@@ -119,21 +118,6 @@ fn canonical_crlf(data: &[u8]) -> bool {
     })
 }
 
-fn tls_config(cert: &Path) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(cert).expect("relay certificate") {
-        roots.add(c.expect("certificate")).expect("trust anchor");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 /// A TCP connection to 127.0.0.1:`port` from source address `src`
 /// (std cannot bind before connect; tokio's TcpSocket can).
 fn tcp_from(src: Ipv4Addr, port: u16) -> TcpStream {
@@ -181,7 +165,7 @@ impl Conn {
     fn tls_from(src: Ipv4Addr, port: u16, cert: &Path) -> Conn {
         let tcp = tcp_from(src, port);
         let name = ServerName::try_from("localhost").expect("name");
-        let tls = ClientConnection::new(tls_config(cert), name).expect("tls client");
+        let tls = ClientConnection::new(common::raw::tls_config(cert), name).expect("tls client");
         let mut c = Conn {
             io: Io::Tls(Box::new(StreamOwned::new(tls, tcp))),
             buf: Vec::new(),
@@ -851,7 +835,7 @@ fn a_thousand_held_connections_do_not_starve_a_normal_client() {
 /// The first half of a real ClientHello.
 fn half_client_hello(cert: &Path) -> Vec<u8> {
     let name = ServerName::try_from("localhost").expect("name");
-    let mut conn = ClientConnection::new(tls_config(cert), name).expect("tls client");
+    let mut conn = ClientConnection::new(common::raw::tls_config(cert), name).expect("tls client");
     let mut hello = Vec::new();
     conn.write_tls(&mut hello).expect("client hello");
     assert!(hello.len() > 100, "a ClientHello");

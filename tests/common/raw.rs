@@ -39,7 +39,7 @@ pub struct RawClient {
 }
 
 /// Trusts the relay's own (self-signed) certificate; the name is localhost.
-fn tls_config(cert: &Path) -> Arc<ClientConfig> {
+pub fn tls_config(cert: &Path) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(cert).expect("relay certificate") {
         roots.add(c.expect("certificate")).expect("trust anchor");
