@@ -12,14 +12,14 @@ mod common;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{Relay, RelayConfig, Sink, raw::RawClient};
-use rustls::{ClientConnection, StreamOwned};
+use rustls::ClientConnection;
 use rustls_pki_types::ServerName;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -118,140 +118,11 @@ fn canonical_crlf(data: &[u8]) -> bool {
     })
 }
 
-/// A TCP connection to 127.0.0.1:`port` from source address `src`
-/// (std cannot bind before connect; tokio's TcpSocket can).
-fn tcp_from(src: Ipv4Addr, port: u16) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .expect("runtime");
-    let std = rt
-        .block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.bind(SocketAddr::new(src.into(), 0))?;
-            let s = sock
-                .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-                .await?;
-            s.into_std()
-        })
-        .expect("connect from a loopback source address");
-    std.set_nonblocking(false).expect("blocking");
-    std.set_read_timeout(Some(Duration::from_secs(15)))
-        .expect("timeout");
-    std
-}
-
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
-}
-
-/// A small SMTP client like `common::raw::RawClient`, but with a chosen
-/// source address and access to the socket (read timeouts).
-struct Conn {
-    io: Io,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    fn plain_from(src: Ipv4Addr, port: u16) -> Conn {
-        Conn {
-            io: Io::Plain(tcp_from(src, port)),
-            buf: Vec::new(),
-        }
-    }
-
-    /// Implicit TLS (the submissions port) from `src`, greeting read.
-    fn tls_from(src: Ipv4Addr, port: u16, cert: &Path) -> Conn {
-        let tcp = tcp_from(src, port);
-        let name = ServerName::try_from("localhost").expect("name");
-        let tls = ClientConnection::new(common::raw::tls_config(cert), name).expect("tls client");
-        let mut c = Conn {
-            io: Io::Tls(Box::new(StreamOwned::new(tls, tcp))),
-            buf: Vec::new(),
-        };
-        let greeting = c.read_reply().expect("greeting");
-        assert!(greeting.starts_with("220"), "{greeting}");
-        c
-    }
-
-    fn tcp(&self) -> &TcpStream {
-        match &self.io {
-            Io::Plain(t) => t,
-            Io::Tls(s) => s.get_ref(),
-        }
-    }
-
-    fn rw(&mut self) -> &mut dyn ReadWrite {
-        match &mut self.io {
-            Io::Plain(t) => t,
-            Io::Tls(s) => s.as_mut(),
-        }
-    }
-
-    fn try_send(&mut self, bytes: &[u8]) -> bool {
-        let io = self.rw();
-        io.write_all(bytes).and_then(|_| io.flush()).is_ok()
-    }
-
-    /// One complete reply; None on EOF, error or read timeout.
-    fn read_reply(&mut self) -> Option<String> {
-        self.poll_reply().unwrap_or_default()
-    }
-
-    /// Ok(Some): a reply; Ok(None): the connection is closed; Err: the read
-    /// timed out with nothing complete.
-    fn poll_reply(&mut self) -> Result<Option<String>, ()> {
-        loop {
-            if let Some(end) = reply_end(&self.buf) {
-                let reply: Vec<u8> = self.buf.drain(..end).collect();
-                return Ok(Some(String::from_utf8_lossy(&reply).into_owned()));
-            }
-            let mut chunk = [0u8; 4096];
-            match self.rw().read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(());
-                }
-                Err(_) => return Ok(None),
-            }
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        assert!(
-            self.try_send(format!("{line}\r\n").as_bytes()),
-            "send {line:?}"
-        );
-        self.read_reply()
-            .unwrap_or_else(|| panic!("connection closed after {line:?}"))
-    }
-
-    fn ehlo(&mut self) {
-        let r = self.cmd("EHLO client.test");
-        assert!(r.starts_with("250"), "{r}");
-    }
-
-    fn auth_plain(&mut self, user: &str, password: &str) -> String {
-        let token = B64.encode(format!("\0{user}\0{password}"));
-        self.cmd(&format!("AUTH PLAIN {token}"))
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-fn reply_end(buf: &[u8]) -> Option<usize> {
-    let mut start = 0;
-    while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
-        let line = &buf[start..start + pos + 1];
-        start += pos + 1;
-        if line.len() < 4 || line[3] != b'-' {
-            return Some(start);
-        }
-    }
-    None
+/// Implicit TLS (the submissions port) from `src`, greeting read.
+fn tls_from(src: Ipv4Addr, port: u16, cert: &Path) -> RawClient {
+    let mut c = RawClient::connect_tls_from(src, port, cert);
+    expect(c.read_reply(), "220");
+    c
 }
 
 /// Reads until EOF (bounded by the read timeout and a reply count);
@@ -518,18 +389,18 @@ fn per_ip_connection_limit() {
     });
     let one = Ipv4Addr::new(127, 0, 0, 1);
     let two = Ipv4Addr::new(127, 0, 0, 2);
-    let mut held: Vec<Conn> = (0..2)
+    let mut held: Vec<RawClient> = (0..2)
         .map(|_| {
-            let mut c = Conn::plain_from(one, relay.submission);
+            let mut c = RawClient::connect_from(one, relay.submission, &cert(&relay));
             expect(c.read_reply(), "220");
             c
         })
         .collect();
-    let mut third = Conn::plain_from(one, relay.submission);
+    let mut third = RawClient::connect_from(one, relay.submission, &cert(&relay));
     expect(third.read_reply(), "421 4.7.0");
     assert!(third.read_reply().is_none());
     // Another client address is not affected.
-    let mut other = Conn::plain_from(two, relay.submission);
+    let mut other = RawClient::connect_from(two, relay.submission, &cert(&relay));
     expect(other.read_reply(), "220");
     expect(Some(other.cmd("NOOP")), "250");
     expect(Some(held[1].cmd("NOOP")), "250");
@@ -631,7 +502,7 @@ fn auth_failures_per_ip_lock_out_every_login_from_that_ip() {
     let cert = cert(&relay);
     let ip1 = Ipv4Addr::new(127, 0, 0, 1);
 
-    let mut c = Conn::tls_from(ip1, relay.submissions, &cert);
+    let mut c = tls_from(ip1, relay.submissions, &cert);
     c.ehlo();
     // Known and unknown logins: the identical reply.
     let known = c.auth_plain(USER, "wrong");
@@ -650,7 +521,7 @@ fn auth_failures_per_ip_lock_out_every_login_from_that_ip() {
         "454 4.7.0",
     );
     // ... also on a new connection from that IP.
-    let mut c2 = Conn::tls_from(ip1, relay.submissions, &cert);
+    let mut c2 = tls_from(ip1, relay.submissions, &cert);
     c2.ehlo();
     expect(
         Some(c2.auth_plain("other@acme.test", "other-secret")),
@@ -658,7 +529,7 @@ fn auth_failures_per_ip_lock_out_every_login_from_that_ip() {
     );
 
     // Another IP is not affected (other@ had no failures).
-    let mut c3 = Conn::tls_from(Ipv4Addr::new(127, 0, 0, 2), relay.submissions, &cert);
+    let mut c3 = tls_from(Ipv4Addr::new(127, 0, 0, 2), relay.submissions, &cert);
     c3.ehlo();
     expect(
         Some(c3.auth_plain("other@acme.test", "other-secret")),
@@ -675,11 +546,11 @@ fn auth_failures_per_login_lock_out_that_login_from_every_ip() {
     // One failure each from three addresses: no IP reaches the threshold,
     // the login does.
     for last in [3u8, 4, 5] {
-        let mut c = Conn::tls_from(Ipv4Addr::new(127, 0, 0, last), relay.submissions, &cert);
+        let mut c = tls_from(Ipv4Addr::new(127, 0, 0, last), relay.submissions, &cert);
         c.ehlo();
         expect(Some(c.auth_plain("victim@acme.test", "guess")), "535 5.7.8");
     }
-    let mut c = Conn::tls_from(Ipv4Addr::new(127, 0, 0, 6), relay.submissions, &cert);
+    let mut c = tls_from(Ipv4Addr::new(127, 0, 0, 6), relay.submissions, &cert);
     c.ehlo();
     expect(
         Some(c.auth_plain("victim@acme.test", "victim-secret")),
@@ -697,11 +568,11 @@ fn auth_failures_per_login_lock_out_that_login_from_every_ip() {
     );
     // The unknown-login path counts the same way.
     for last in [7u8, 8, 9] {
-        let mut c = Conn::tls_from(Ipv4Addr::new(127, 0, 0, last), relay.submissions, &cert);
+        let mut c = tls_from(Ipv4Addr::new(127, 0, 0, last), relay.submissions, &cert);
         c.ehlo();
         expect(Some(c.auth_plain("ghost@acme.test", "guess")), "535 5.7.8");
     }
-    let mut c = Conn::tls_from(Ipv4Addr::new(127, 0, 0, 10), relay.submissions, &cert);
+    let mut c = tls_from(Ipv4Addr::new(127, 0, 0, 10), relay.submissions, &cert);
     c.ehlo();
     expect(Some(c.auth_plain("ghost@acme.test", "guess")), "454 4.7.0");
 }
@@ -746,7 +617,7 @@ fn slowloris_is_closed_while_others_are_served() {
     let relay = relay_with(&sink, |c| {
         c.set("limits", "idle_timeout", "\"3s\"");
     });
-    let mut slow = Conn::plain_from(Ipv4Addr::LOCALHOST, relay.submission);
+    let mut slow = RawClient::connect(relay.submission, &cert(&relay));
     expect(slow.read_reply(), "220");
     slow.tcp()
         .set_read_timeout(Some(Duration::from_secs(1)))

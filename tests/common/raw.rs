@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     sync::Arc,
     time::Duration,
@@ -60,29 +60,64 @@ fn wrap_tls(tcp: TcpStream, cert: &Path) -> Stream {
     Stream::Tls(Box::new(StreamOwned::new(conn, tcp)))
 }
 
-impl RawClient {
-    fn tcp(port: u16) -> TcpStream {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the relay");
-        tcp.set_read_timeout(Some(Duration::from_secs(15)))
-            .expect("timeout");
-        tcp
-    }
+/// A TCP connection to 127.0.0.1:`port` from source address `src` (any
+/// 127.0.0.x: per-IP limits are tested from several loopback addresses).
+/// std cannot bind before connecting; tokio's TcpSocket can.
+fn tcp_from(src: Ipv4Addr, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let tcp = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(src.into(), 0))?;
+            let stream = socket
+                .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await?;
+            stream.into_std()
+        })
+        .expect("connect to the relay");
+    tcp.set_nonblocking(false).expect("blocking");
+    tcp.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    tcp
+}
 
+impl RawClient {
     /// Plain connection (the STARTTLS port); reads nothing yet.
     pub fn connect(port: u16, cert: &Path) -> RawClient {
+        RawClient::connect_from(Ipv4Addr::LOCALHOST, port, cert)
+    }
+
+    /// Implicit TLS connection (the submissions port); reads nothing yet.
+    pub fn connect_tls(port: u16, cert: &Path) -> RawClient {
+        RawClient::connect_tls_from(Ipv4Addr::LOCALHOST, port, cert)
+    }
+
+    /// Like [`RawClient::connect`], from source address `src`.
+    pub fn connect_from(src: Ipv4Addr, port: u16, cert: &Path) -> RawClient {
         RawClient {
-            stream: Some(Stream::Plain(RawClient::tcp(port))),
+            stream: Some(Stream::Plain(tcp_from(src, port))),
             buf: Vec::new(),
             cert: cert.to_path_buf(),
         }
     }
 
-    /// Implicit TLS connection (the submissions port); reads nothing yet.
-    pub fn connect_tls(port: u16, cert: &Path) -> RawClient {
+    /// Like [`RawClient::connect_tls`], from source address `src`.
+    pub fn connect_tls_from(src: Ipv4Addr, port: u16, cert: &Path) -> RawClient {
         RawClient {
-            stream: Some(wrap_tls(RawClient::tcp(port), cert)),
+            stream: Some(wrap_tls(tcp_from(src, port), cert)),
             buf: Vec::new(),
             cert: cert.to_path_buf(),
+        }
+    }
+
+    /// The TCP socket under the session (to change its read timeout).
+    pub fn tcp(&self) -> &TcpStream {
+        match self.stream.as_ref().expect("open") {
+            Stream::Plain(t) => t,
+            Stream::Tls(s) => s.get_ref(),
         }
     }
 
@@ -101,20 +136,44 @@ impl RawClient {
     }
 
     /// Reads one complete reply (all lines of a multi-line reply), or None
-    /// when the connection closed first.
+    /// when the connection closed first (or the read timed out).
     pub fn read_reply(&mut self) -> Option<String> {
+        self.poll_reply().unwrap_or_default()
+    }
+
+    /// `Ok(Some)`: a reply; `Ok(None)`: the connection is closed; `Err`: the
+    /// read timed out with no complete reply (the connection is still open).
+    pub fn poll_reply(&mut self) -> Result<Option<String>, ()> {
         loop {
             if let Some(end) = reply_end(&self.buf) {
                 let reply: Vec<u8> = self.buf.drain(..end).collect();
-                return Some(String::from_utf8_lossy(&reply).into_owned());
+                return Ok(Some(String::from_utf8_lossy(&reply).into_owned()));
             }
-            let mut chunk = [0u8; 4096];
-            let n = match self.stream.as_mut()?.io().read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => n,
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(None);
             };
-            self.buf.extend_from_slice(&chunk[..n]);
+            let mut chunk = [0u8; 4096];
+            match stream.io().read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(());
+                }
+                Err(_) => return Ok(None),
+            }
         }
+    }
+
+    /// `EHLO`, which must succeed.
+    pub fn ehlo(&mut self) {
+        let reply = self.cmd("EHLO client.test");
+        assert!(reply.starts_with("250"), "EHLO refused: {reply}");
+    }
+
+    /// `AUTH PLAIN` with an initial response; returns the reply.
+    pub fn auth_plain(&mut self, user: &str, password: &str) -> String {
+        let token = B64.encode(format!("\0{user}\0{password}"));
+        self.cmd(&format!("AUTH PLAIN {token}"))
     }
 
     /// Sends `line` + CRLF and returns the reply.
@@ -152,11 +211,10 @@ impl RawClient {
         let mut c = RawClient::connect(port, cert);
         let greeting = c.read_reply().expect("greeting");
         assert!(greeting.starts_with("220"), "{greeting}");
-        c.cmd("EHLO client.test");
+        c.ehlo();
         c.starttls();
-        c.cmd("EHLO client.test");
-        let token = B64.encode(format!("\0{user}\0{password}"));
-        let reply = c.cmd(&format!("AUTH PLAIN {token}"));
+        c.ehlo();
+        let reply = c.auth_plain(user, password);
         assert!(reply.starts_with("235"), "AUTH failed: {reply}");
         c
     }
