@@ -14,8 +14,10 @@
 //!   bare-LF or bare-CR variant;
 //! - the outcome equals a simple reference decoder's: TooBig when the
 //!   un-stuffed content exceeds the limit, else BareLineEnding when it holds
-//!   a CR or LF that is not part of a CRLF, else Complete(un-stuffed);
-//! - `Complete(body)` holds no bare CR or LF and is within the limit.
+//!   a CR or LF that is not part of a CRLF, else Nul when it holds a NUL
+//!   byte, else Complete with the un-stuffed content as the bytes handed out;
+//! - a complete message holds no bare CR or LF, no NUL, and is within the
+//!   limit; the decoder never hands out more than the limit.
 #![no_main]
 
 use domauth::smtp::data::{DataDecoder, DataOutcome};
@@ -25,13 +27,17 @@ struct Run {
     consumed: Option<usize>,
     size: usize,
     outcome: DataOutcome,
+    body: Vec<u8>,
 }
 
 fn run_chunks<'a>(max: usize, chunks: impl Iterator<Item = &'a [u8]>) -> Run {
     let mut d = DataDecoder::new(max);
+    let mut body = Vec::new();
     let mut offset = 0;
     for chunk in chunks {
-        if let Some(used) = d.feed(chunk) {
+        let end = d.feed(chunk, &mut body);
+        assert!(body.len() <= max, "handed out {} over the limit {max}", body.len());
+        if let Some(used) = end {
             assert!(
                 used >= 1 && used <= chunk.len(),
                 "used {used} of {}",
@@ -41,6 +47,7 @@ fn run_chunks<'a>(max: usize, chunks: impl Iterator<Item = &'a [u8]>) -> Run {
                 consumed: Some(offset + used),
                 size: d.size(),
                 outcome: d.finish(),
+                body,
             };
         }
         offset += chunk.len();
@@ -49,6 +56,7 @@ fn run_chunks<'a>(max: usize, chunks: impl Iterator<Item = &'a [u8]>) -> Run {
         consumed: None,
         size: d.size(),
         outcome: d.finish(),
+        body,
     }
 }
 
@@ -69,7 +77,7 @@ fn expected_end(stream: &[u8]) -> Option<usize> {
 
 /// Reference for a terminated message: `content` is everything before the
 /// final ".CRLF" (empty, or ending in CRLF).
-fn reference(content: &[u8], max: usize) -> DataOutcome {
+fn reference(content: &[u8], max: usize) -> (DataOutcome, Vec<u8>) {
     let mut body = Vec::new();
     // Lines start at the beginning and after every CRLF; a bare LF or CR
     // does not start a line.
@@ -90,13 +98,16 @@ fn reference(content: &[u8], max: usize) -> DataOutcome {
             None => break,
         }
     }
-    if body.len() > max {
+    let outcome = if body.len() > max {
         DataOutcome::TooBig
     } else if !canonical(&body) {
         DataOutcome::BareLineEnding
+    } else if body.contains(&0) {
+        DataOutcome::Nul
     } else {
-        DataOutcome::Complete(body)
-    }
+        DataOutcome::Complete
+    };
+    (outcome, body)
 }
 
 fuzz_target!(|input: &[u8]| {
@@ -136,19 +147,24 @@ fuzz_target!(|input: &[u8]| {
 
     assert_eq!(whole.consumed, expected_end(stream), "end of message");
 
-    if let DataOutcome::Complete(body) = &whole.outcome {
-        assert!(canonical(body), "bare CR/LF in a complete body: {body:?}");
-        assert!(
-            body.len() <= max,
-            "body of {} over the limit {max}",
-            body.len()
-        );
-        assert_eq!(body.len(), whole.size);
+    if whole.outcome == DataOutcome::Complete {
+        for (label, run) in [("whole", &whole), ("chunked", &chunked), ("bytewise", &bytewise)] {
+            let body = &run.body;
+            assert!(canonical(body), "{label}: bare CR/LF in a complete body: {body:?}");
+            assert!(!body.contains(&0), "{label}: NUL in a complete body");
+            assert_eq!(body.len(), run.size, "{label}: size");
+        }
+        assert_eq!(whole.body, chunked.body, "chunked body");
+        assert_eq!(whole.body, bytewise.body, "bytewise body");
     }
     if let Some(end) = whole.consumed {
         // The stream before the final ".CRLF": the DATA command's CRLF
         // stands in front of it.
         let content = &stream[..end - 3];
-        assert_eq!(whole.outcome, reference(content, max), "reference decoder");
+        let (outcome, body) = reference(content, max);
+        assert_eq!(whole.outcome, outcome, "reference decoder");
+        if outcome == DataOutcome::Complete {
+            assert_eq!(whole.body, body, "reference body");
+        }
     }
 });

@@ -2,13 +2,16 @@
 //! bytes (mail-parser input).
 //!
 //! Invariants:
-//! - no panic in `header_block`, `check_headers` or `add_headers`;
+//! - no panic in `header_block`, `complete_header_block`, `check_headers` or
+//!   `trace_headers`;
 //! - if the message is accepted, its header block has a `From:` header line
 //!   (checked for CRLF-only input, the only kind the session passes on: the
 //!   DATA decoder refuses bare CR/LF first), and every From/Sender address mail-parser reported was shown to the
 //!   policy and allowed (the policy records what it was asked);
-//! - `add_headers` only prepends: the output ends with the message, starts
-//!   with `Received: `, and adds no bare CR/LF to a canonical message.
+//! - `trace_headers` starts with `Received: ` and adds no bare CR/LF;
+//! - `complete_header_block`, fed the message in two pieces, never ends the
+//!   block past what `header_block` of the whole message says, and says the
+//!   same as `header_block` once the message is complete and ends the block.
 #![no_main]
 
 use std::sync::Mutex;
@@ -105,10 +108,13 @@ fuzz_target!(|message: &[u8]| {
         queue_id: "Q1",
         recipients: &recipients,
     };
-    let out = cleanup::add_headers(message, &trace);
-    assert!(out.ends_with(message));
+    let out = cleanup::trace_headers(cleanup::header_block(message), &trace);
     assert!(out.starts_with(b"Received: "));
-    if canonical(message) {
-        assert!(canonical(&out), "add_headers made a bare CR/LF");
+    assert!(canonical(&out), "trace_headers made a bare CR/LF");
+    let whole = cleanup::header_block(message).len();
+    for cut in [message.len() / 3, message.len() / 2, message.len()] {
+        if let Some(n) = cleanup::complete_header_block(&message[..cut]) {
+            assert_eq!(n, whole, "the block ended early at a cut of {cut}");
+        }
     }
 });

@@ -109,7 +109,6 @@ fuzz_target!(|input: &[u8]| {
     let mut logged_in = false;
     // The previous reply was a SASL challenge: this line is a SASL response.
     let mut in_sasl = false;
-    let mut queue_id = 0u32;
 
     while !rest.is_empty() {
         let (line, tail) = match memchr::memchr(b'\n', rest) {
@@ -187,21 +186,28 @@ fuzz_target!(|input: &[u8]| {
             }
             Action::ReceiveData(_) => {
                 assert!(logged_in, "DATA started without a login");
+                let start = session.message_start();
+                assert!(
+                    start.as_ref().is_some_and(|s| !s.envelope.recipients.is_empty()),
+                    "DATA started without recipients"
+                );
                 let mut decoder = DataDecoder::new(MAX_SIZE);
-                match decoder.feed(rest) {
+                let mut message = Vec::new();
+                match decoder.feed(rest, &mut message) {
                     Some(used) => rest = &rest[used..],
                     None => rest = &rest[rest.len()..],
                 }
-                queue_id += 1;
-                match session.data_received(decoder.finish(), format!("Q{queue_id}")) {
-                    Ok(accepted) => {
+                let outcome = decoder.finish();
+                let headers = domauth::cleanup::header_block(&message);
+                match session.data_received(outcome, Some(headers)) {
+                    Ok(()) => {
                         assert!(logged_in, "message accepted without a login");
-                        assert!(!accepted.envelope.recipients.is_empty());
                         assert!(
-                            canonical(&accepted.message),
+                            canonical(&message),
                             "queued message with a bare CR/LF: {:?}",
-                            String::from_utf8_lossy(&accepted.message)
+                            String::from_utf8_lossy(&message)
                         );
+                        assert!(!message.contains(&0), "queued message with a NUL");
                     }
                     Err(r) => {
                         check_reply(&r);

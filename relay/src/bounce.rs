@@ -2,7 +2,7 @@
 //! multipart/report): what Postfix's `bounce` daemon writes.
 
 use chrono::{DateTime, Utc};
-use domauth_store::QueuedMessage;
+use domauth_store::Envelope;
 
 use crate::cleanup::header_block;
 
@@ -13,10 +13,11 @@ pub struct FailedRecipient<'a> {
 }
 
 /// Builds the DSN sent to `original.from` for `failed`. The original's
-/// headers are included (text/rfc822-headers), not its body.
+/// headers are included (text/rfc822-headers), not its body: the caller may
+/// pass just the beginning of the message.
 pub fn build(
     hostname: &str,
-    original: &QueuedMessage,
+    original: &Envelope,
     original_message: &[u8],
     failed: &[FailedRecipient<'_>],
     now: DateTime<Utc>,
@@ -111,27 +112,19 @@ fn status_code(diagnostic: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domauth_store::{QueueRecipient, RecipientStatus};
 
     #[test]
     fn dsn_shape() {
         let now = Utc::now();
-        let original = QueuedMessage {
+        let original = Envelope {
             id: "Q1".into(),
             from: "info@acme.test".into(),
-            recipients: vec![QueueRecipient {
-                address: "bad@example.org".into(),
-                status: RecipientStatus::Failed,
-                last_reply: Some("550 5.1.1 no such user".into()),
-                bounced: false,
-            }],
-            size: 10,
+            recipients: vec!["bad@example.org".into()],
             received_at: now,
             login: None,
-            attempts: 1,
-            next_attempt: now,
-            last_error: None,
             is_bounce: false,
+            body: Default::default(),
+            smtputf8: false,
         };
         let failed = [FailedRecipient {
             address: "bad@example.org",

@@ -142,14 +142,26 @@ pub struct TraceInfo<'a> {
     pub recipients: &'a [String],
 }
 
-/// Prepends `Received:` (RFC 5321 §4.4; "ESMTPSA" per RFC 3848: ESMTP with
-/// TLS and AUTH) and adds `Date:` / `Message-ID:` when the client left them
-/// out (RFC 6409 §8.2, §8.3).
-pub fn add_headers(message: &[u8], trace: &TraceInfo<'_>) -> Vec<u8> {
+/// The header block is complete once a line that is not a header field (the empty line
+/// that starts the body, or a non-field line a strict reader takes as body) follows it.
+/// `None` while more input could still extend it. Only complete lines are judged: a
+/// line cut by the network must not end the block early.
+pub fn complete_header_block(received: &[u8]) -> Option<usize> {
+    let complete_lines = memchr::memrchr(b'\n', received).map_or(0, |i| i + 1);
+    let block = header_block(&received[..complete_lines]);
+    let ended = block.len() < complete_lines || block.ends_with(b"\r\n\r\n") || block == b"\r\n";
+    ended.then_some(block.len())
+}
+
+/// The headers the relay puts in front of the message: `Received:` (RFC 5321 §4.4;
+/// "ESMTPSA" per RFC 3848: ESMTP with TLS and AUTH), and `Date:` / `Message-ID:` when
+/// the client left them out (RFC 6409 §8.2, §8.3). They go before the client's header
+/// block, so a message that starts with the empty line keeps them as headers.
+pub fn trace_headers(headers: &[u8], trace: &TraceInfo<'_>) -> Vec<u8> {
     let now = chrono::Utc::now();
     let date = now.to_rfc2822();
-    let (has_date, has_message_id) = present_headers(header_block(message));
-    let mut out = Vec::with_capacity(message.len() + 512);
+    let (has_date, has_message_id) = present_headers(headers);
+    let mut out = Vec::with_capacity(512);
     let for_clause = match trace.recipients {
         // Naming one recipient is the common trace; with several we name
         // none, so recipients do not learn of each other's addresses.
@@ -177,9 +189,6 @@ pub fn add_headers(message: &[u8], trace: &TraceInfo<'_>) -> Vec<u8> {
             .as_bytes(),
         );
     }
-    // A message that starts with the empty line has no header block; our
-    // headers go before that line so they stay headers.
-    out.extend_from_slice(message);
     out
 }
 
@@ -316,6 +325,30 @@ mod tests {
     }
 
     #[test]
+    fn header_block_completion_waits_for_whole_lines() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("", None),
+            ("From: a@b.test", None),
+            ("From: a@b.test\r\n", None),
+            ("From: a@b.test\r\nSubj", None),
+            // "Fro" alone has no colon, but the line is not complete yet.
+            ("Fro", None),
+            ("From: a@b.test\r\n\r\n", Some(18)),
+            ("From: a@b.test\r\n\r\nbody", Some(18)),
+            ("\r\nbody", Some(2)),
+            ("From: a@b.test\r\nnot a header\r\n", Some(16)),
+            ("From: a\r\n folded\r\n", None),
+        ];
+        for (input, expect) in cases {
+            assert_eq!(
+                complete_header_block(input.as_bytes()),
+                *expect,
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
     fn adds_trace_and_missing_headers() {
         let trace = TraceInfo {
             hostname: "relay.test",
@@ -324,7 +357,12 @@ mod tests {
             queue_id: "Q1",
             recipients: &["a@b.test".to_string()],
         };
-        let out = String::from_utf8(add_headers(b"From: a@b.test\r\n\r\nhi\r\n", &trace)).unwrap();
+        let add = |m: &[u8]| {
+            let mut out = trace_headers(header_block(m), &trace);
+            out.extend_from_slice(m);
+            String::from_utf8(out).unwrap()
+        };
+        let out = add(b"From: a@b.test\r\n\r\nhi\r\n");
         assert!(out.starts_with("Received: from client ([127.0.0.1])\r\n\tby relay.test (domauth) with ESMTPSA id Q1\r\n\tfor <a@b.test>;"), "{out}");
         assert!(out.contains("\r\nDate: "), "{out}");
         assert!(out.contains("\r\nMessage-ID: <Q1."), "{out}");
@@ -332,7 +370,7 @@ mod tests {
 
         let kept =
             "Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-Id: <x@y>\r\nFrom: a@b.test\r\n\r\n";
-        let out = String::from_utf8(add_headers(kept.as_bytes(), &trace)).unwrap();
+        let out = add(kept.as_bytes());
         assert_eq!(out.matches("Date:").count(), 1, "{out}");
         assert_eq!(out.to_ascii_lowercase().matches("message-id:").count(), 1);
     }

@@ -91,8 +91,16 @@ pub struct UpstreamConfig {
     pub tls_insecure: bool,
     /// PEM file of extra trust anchors for the smarthost's certificate.
     pub ca_file: Option<PathBuf>,
-    /// Timeout for each upstream command.
-    pub timeout: Dur,
+    /// TCP connect, and the TLS handshake of implicit TLS.
+    pub connect_timeout: Dur,
+    /// RFC 5321 §4.5.3.2: the 220 greeting (5 min), each command (5 min), the 354
+    /// after DATA (2 min), each block of the message written (3 min), the reply to the
+    /// final dot (10 min).
+    pub greeting_timeout: Dur,
+    pub command_timeout: Dur,
+    pub data_timeout: Dur,
+    pub data_block_timeout: Dur,
+    pub final_timeout: Dur,
     /// Whether upstream can carry SMTPUTF8 (then we advertise it to clients).
     pub smtputf8: bool,
 }
@@ -107,7 +115,12 @@ impl Default for UpstreamConfig {
             password_file: None,
             tls_insecure: false,
             ca_file: None,
-            timeout: Dur::secs(60),
+            connect_timeout: Dur::secs(30),
+            greeting_timeout: Dur::secs(300),
+            command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(120),
+            data_block_timeout: Dur::secs(180),
+            final_timeout: Dur::secs(600),
             smtputf8: false,
         }
     }
@@ -161,6 +174,12 @@ pub struct QueueConfig {
     pub retry_max: Dur,
     pub max_lifetime: Dur,
     pub concurrency: usize,
+    /// Consecutive failures to reach upstream after which it counts as down: messages
+    /// wait instead of each trying, and one probe at a time tests it (Postfix's dead
+    /// destination).
+    pub dead_after: u32,
+    /// The first wait between probes of a dead upstream; doubles up to `retry_max`.
+    pub probe_interval: Dur,
 }
 
 impl Default for QueueConfig {
@@ -170,6 +189,8 @@ impl Default for QueueConfig {
             retry_max: Dur::secs(3600),
             max_lifetime: Dur::secs(5 * 24 * 3600),
             concurrency: 16,
+            dead_after: 3,
+            probe_interval: Dur::secs(10),
         }
     }
 }
@@ -301,7 +322,17 @@ impl Config {
         if self.upstream.username.is_some() != self.upstream.password_file.is_some() {
             return Err("upstream.username / upstream.password_file: set both or neither".into());
         }
-        positive("upstream.timeout", self.upstream.timeout)?;
+        let u = &self.upstream;
+        for (key, d) in [
+            ("upstream.connect_timeout", u.connect_timeout),
+            ("upstream.greeting_timeout", u.greeting_timeout),
+            ("upstream.command_timeout", u.command_timeout),
+            ("upstream.data_timeout", u.data_timeout),
+            ("upstream.data_block_timeout", u.data_block_timeout),
+            ("upstream.final_timeout", u.final_timeout),
+        ] {
+            positive(key, d)?;
+        }
         positive("dns.timeout", self.dns.timeout)?;
         let v = &self.verification;
         let label_ok = !v.record_label.is_empty()
@@ -327,6 +358,10 @@ impl Config {
             return Err("queue.retry_max: must not be shorter than queue.retry_initial".into());
         }
         at_least("queue.concurrency", q.concurrency, 1)?;
+        if q.dead_after == 0 {
+            return Err("queue.dead_after: must be at least 1".into());
+        }
+        positive("queue.probe_interval", q.probe_interval)?;
         let l = &self.limits;
         at_least("limits.max_connections", l.max_connections, 1)?;
         at_least("limits.max_connections_per_ip", l.max_connections_per_ip, 1)?;

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use domauth_store::Store;
+use domauth_store::{Queue, Store, StoreError};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -85,21 +85,53 @@ pub async fn run(config: Config) -> Result<(), String> {
         )
     })?;
     let store_dir = s.data_dir.join("store");
-    let store = Store::open(&store_dir).map_err(|e| {
-        format!(
-            "server.data_dir: cannot open the store in {} ({e}); is another domauth running on it?",
+    let store = Store::open(&store_dir).map_err(|e| match &e {
+        StoreError::DiskFull(_) => format!(
+            "server.data_dir: the disk is full: cannot open the store in {} ({e})",
             store_dir.display()
-        )
+        ),
+        StoreError::Locked(_) => format!(
+            "server.data_dir: the store in {} is locked: is another domauth running on it?",
+            store_dir.display()
+        ),
+        _ => format!(
+            "server.data_dir: cannot open the store in {}: {e}",
+            store_dir.display()
+        ),
     })?;
+    let queue_dir = s.data_dir.join("queue");
+    let (queue, opened) = Queue::open(&queue_dir).map_err(|e| match &e {
+        StoreError::DiskFull(_) => format!(
+            "server.data_dir: the disk is full: cannot open the queue in {} ({e})",
+            queue_dir.display()
+        ),
+        _ => format!(
+            "server.data_dir: cannot open the queue in {}: {e}",
+            queue_dir.display()
+        ),
+    })?;
+    // What a crash left half-written is swept; damaged files are kept and held.
+    tracing::info!(
+        event = "queue_opened",
+        messages = opened.messages.len(),
+        damaged = opened.damaged.len(),
+        incomplete_removed = opened.incomplete_removed,
+        orphan_states_removed = opened.orphan_states_removed,
+        "queue opened"
+    );
+    for (id, why) in &opened.damaged {
+        tracing::error!(event = "message_held", id = %id, error = %why, "queued message damaged; held, see `domauth queue show`");
+    }
     let tls = tls::acceptor(&config.tls, &s.hostname)?;
     let dns = dns_checker(&config)?;
     let upstream = Upstream::from_config(&config)?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (queue_handle, queue_rx) = queue::channel();
-    let spool = Spool::start(store.clone(), queue_handle.clone());
+    let spool = Spool::start(queue.clone(), queue_handle.clone())?;
     let workers = queue::start(
-        store.clone(),
+        queue.clone(),
+        opened.messages,
         spool.clone(),
         upstream,
         QueueSettings {
@@ -108,11 +140,12 @@ pub async fn run(config: Config) -> Result<(), String> {
             max_lifetime: config.queue.max_lifetime.get(),
             concurrency: config.queue.concurrency,
             hostname: s.hostname.clone(),
+            dead_after: config.queue.dead_after,
+            probe_interval: config.queue.probe_interval.get(),
         },
-        queue_handle.clone(),
         queue_rx,
         shutdown.clone(),
-    )?;
+    );
     let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
     let admin_task = admin::server::serve(
@@ -120,7 +153,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         admin::server::AdminState {
             store: store.clone(),
             verifier,
-            queue: queue_handle,
+            queue,
+            scheduler: queue_handle,
         },
         shutdown.clone(),
     )
@@ -192,6 +226,11 @@ pub async fn run(config: Config) -> Result<(), String> {
         event = "shutdown",
         "stopping: no new connections; open sessions may finish"
     );
+    // Everything below fits in `shutdown_timeout`, whatever clients and the
+    // upstream do: what is cut short is still on disk and goes out next time.
+    let deadline = tokio::time::Instant::now()
+        .checked_add(s.shutdown_timeout.get())
+        .unwrap_or_else(tokio::time::Instant::now);
     let _ = shutdown_tx.send(true);
     for task in accept_loops {
         let _ = task.await;
@@ -199,19 +238,24 @@ pub async fn run(config: Config) -> Result<(), String> {
     // Every connection holds a permit: having them all back means every
     // session has ended.
     let all = u32::try_from(l.max_connections).unwrap_or(u32::MAX);
-    let drained =
-        tokio::time::timeout(s.shutdown_timeout.get(), connections.acquire_many(all)).await;
+    let drained = tokio::time::timeout_at(deadline, connections.acquire_many(all)).await;
     if drained.is_err() {
         tracing::warn!(
             event = "shutdown_timeout",
             "sessions still open after the shutdown timeout; closing them"
         );
     }
+    // Deliveries in progress may finish until the deadline; then they are
+    // dropped (the connection closes before the final dot, so upstream
+    // discards the message, which stays queued).
     for w in workers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+        let abort = w.abort_handle();
+        if tokio::time::timeout_at(deadline, w).await.is_err() {
+            abort.abort();
+        }
     }
     verifier_task.abort();
-    let _ = admin_task.await;
+    let _ = tokio::time::timeout_at(deadline, admin_task).await;
     store
         .flush()
         .map_err(|e| format!("final flush failed: {e}"))?;

@@ -1,27 +1,72 @@
-//! The queue boundary: the one place that puts messages into the queue and
-//! makes them durable. Nothing before it knows about upstream; nothing after
-//! it knows about the client (Postfix's split between smtpd/cleanup and qmgr).
+//! The queue boundary: the one place that puts messages into the queue and makes them
+//! durable. Nothing before it knows about upstream; nothing after it knows about the
+//! client (Postfix's split between smtpd/cleanup and qmgr).
 //!
-//! Durability uses group commit: a writer stores its message (no fsync) and
-//! asks the committer for a flush; the committer takes every request that
-//! arrived meanwhile and covers all of them with one sled flush (fsync).
-//! Nobody gets an answer before a flush that started after their write.
+//! A message streams in: [`IncomingMessage`] keeps the header block (the header checks
+//! and the trace headers need it), writes everything else through to the queue file once
+//! more than [`SPILL`] bytes wait, so a session holds at most a few hundred KB whatever
+//! the message size.
+//!
+//! Durability uses group commit: every message that asks while a commit runs joins the
+//! next one. The committer thread finishes each file (`fdatasync`, rename into the queue)
+//! and then syncs the queue directory once for all of them. Nobody gets an answer before
+//! the directory sync that covers their rename. A message whose commit failed is removed
+//! again: the client was told to try later, so it must not be delivered as well.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use chrono::Utc;
-use domauth_store::{QueueRecipient, QueuedMessage, RecipientStatus, Store};
+use domauth_store::{BodyType, Envelope, MessageWriter, Queue, StoreError};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{queue::QueueHandle, smtp::session::Accepted};
+use crate::{
+    cleanup::{self, TraceInfo},
+    queue::QueueHandle,
+    smtp::session::MessageStart,
+};
 
-type CommitRequest = oneshot::Sender<Result<(), String>>;
+/// Bytes of a message kept in memory before they are written to its queue file.
+pub const SPILL: usize = 256 * 1024;
+/// The largest header block kept for the header checks (Postfix keeps 100 KB); a message
+/// with a larger one is refused.
+pub const MAX_HEADER: usize = 256 * 1024;
+
+/// Why a message could not be stored. Cloneable: one failed commit answers a batch.
+#[derive(Debug, Clone)]
+pub enum SpoolError {
+    /// No space left: `452 4.3.1`.
+    DiskFull(String),
+    /// Anything else: `451 4.3.0`.
+    Failed(String),
+}
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolError::DiskFull(e) | SpoolError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<StoreError> for SpoolError {
+    fn from(e: StoreError) -> SpoolError {
+        match e {
+            StoreError::DiskFull(_) => SpoolError::DiskFull(e.to_string()),
+            other => SpoolError::Failed(other.to_string()),
+        }
+    }
+}
+
+struct CommitJob {
+    writer: MessageWriter,
+    id: String,
+    done: oneshot::Sender<Result<(), SpoolError>>,
+}
 
 pub struct Spool {
-    store: Store,
-    commits: mpsc::UnboundedSender<CommitRequest>,
-    queue: QueueHandle,
+    queue: Queue,
+    commits: mpsc::UnboundedSender<CommitJob>,
 }
 
 /// A queue id: the arrival time in microseconds (hex, so ids sort by
@@ -33,102 +78,248 @@ pub fn new_queue_id() -> String {
 }
 
 impl Spool {
-    pub fn start(store: Store, queue: QueueHandle) -> Arc<Spool> {
+    /// Starts the committer thread. Committed messages are handed to `queue_handle`.
+    pub fn start(queue: Queue, queue_handle: QueueHandle) -> Result<Arc<Spool>, String> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(committer(store.clone(), rx));
-        Arc::new(Spool {
-            store,
-            commits: tx,
-            queue,
+        let committing = queue.clone();
+        std::thread::Builder::new()
+            .name("domauth-commit".into())
+            .spawn(move || committer(committing, rx, queue_handle))
+            .map_err(|e| format!("cannot start the commit thread: {e}"))?;
+        Ok(Arc::new(Spool { queue, commits: tx }))
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Starts receiving a client's message (nothing is on disk yet).
+    pub fn incoming(
+        &self,
+        start: MessageStart,
+        queue_id: String,
+        hostname: &str,
+        peer: IpAddr,
+    ) -> Result<IncomingMessage, SpoolError> {
+        let envelope = Envelope {
+            id: queue_id.clone(),
+            from: start.envelope.from,
+            recipients: start.envelope.recipients,
+            received_at: Utc::now(),
+            login: Some(start.login),
+            is_bounce: false,
+            body: if start.envelope.eight_bit {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8: start.envelope.smtputf8,
+        };
+        let writer = self.queue.writer(&envelope)?;
+        Ok(IncomingMessage {
+            writer: Some(writer),
+            failure: None,
+            head: Vec::new(),
+            header_len: None,
+            header_too_large: false,
+            size: 0,
+            hostname: hostname.to_string(),
+            from: envelope.from.clone(),
+            helo: start.helo,
+            peer,
+            queue_id,
+            recipients: envelope.recipients,
         })
     }
 
-    /// Stores an accepted message durably, then hands it to delivery.
-    /// `Ok` means the message is on disk: only then may the client get 250.
-    pub async fn accept(&self, accepted: Accepted) -> Result<(), String> {
-        let now = Utc::now();
-        let record = QueuedMessage {
-            id: accepted.queue_id.clone(),
-            from: accepted.envelope.from,
-            recipients: accepted
-                .envelope
-                .recipients
-                .into_iter()
-                .map(|address| QueueRecipient {
-                    address,
-                    status: RecipientStatus::Pending,
-                    last_reply: None,
-                    bounced: false,
-                })
-                .collect(),
-            size: accepted.message.len() as u64,
-            received_at: now,
-            login: Some(accepted.login),
-            attempts: 0,
-            next_attempt: now,
-            last_error: None,
-            is_bounce: false,
+    /// Makes a received message durable. `Ok` means it is on disk: only then may the
+    /// client get `250`.
+    pub async fn commit(&self, mut message: IncomingMessage) -> Result<(), SpoolError> {
+        message.finish_headers();
+        if let Some(e) = message.failure.take() {
+            return Err(e);
+        }
+        let Some(writer) = message.writer.take() else {
+            return Err(SpoolError::Failed("message was not written".into()));
         };
-        self.insert(record, &accepted.message).await
+        self.commit_writer(writer, message.queue_id).await
     }
 
     /// Queues a message the relay made itself (a bounce).
-    pub async fn insert(&self, record: QueuedMessage, body: &[u8]) -> Result<(), String> {
-        self.store
-            .enqueue(&record, body)
-            .map_err(|e| format!("cannot store message: {e}"))?;
-        self.commit().await?;
-        self.queue.wake(record.id);
-        Ok(())
+    pub async fn insert(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SpoolError> {
+        let mut writer = self.queue.writer(envelope)?;
+        writer.push(message);
+        self.commit_writer(writer, envelope.id.clone()).await
     }
 
-    /// Waits until everything written so far is on disk.
-    pub async fn commit(&self) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
+    async fn commit_writer(&self, writer: MessageWriter, id: String) -> Result<(), SpoolError> {
+        let (done, result) = oneshot::channel();
+        let stopped = || SpoolError::Failed("the commit thread has stopped".into());
         self.commits
-            .send(tx)
-            .map_err(|_| "the commit task has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the commit task has stopped".to_string())?
+            .send(CommitJob { writer, id, done })
+            .map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
     }
 }
 
-async fn committer(store: Store, mut requests: mpsc::UnboundedReceiver<CommitRequest>) {
-    let mut batch = Vec::new();
-    while let Some(first) = requests.recv().await {
-        batch.push(first);
-        // Everyone who asked while the previous flush ran joins this one.
-        while let Ok(more) = requests.try_recv() {
+/// Group commit, on its own thread: everything here blocks on the disk.
+fn committer(queue: Queue, mut jobs: mpsc::UnboundedReceiver<CommitJob>, handle: QueueHandle) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        // Everyone who asked while the previous commit ran joins this one.
+        while let Ok(more) = jobs.try_recv() {
             batch.push(more);
         }
-        let flushing = store.clone();
-        let result = tokio::task::spawn_blocking(move || flushing.flush())
-            .await
-            .map_err(|e| format!("flush task failed: {e}"))
-            .and_then(|r| r.map_err(|e| format!("flush failed: {e}")));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "queue flush failed");
+        let mut results: Vec<Result<(), SpoolError>> = batch
+            .iter_mut()
+            .map(|job| job.writer.commit().map_err(SpoolError::from))
+            .collect();
+        if results.iter().any(Result::is_ok)
+            && let Err(e) = queue.sync_dir()
+        {
+            let e = SpoolError::from(e);
+            for (job, result) in batch.iter_mut().zip(results.iter_mut()) {
+                if result.is_ok() {
+                    job.writer.revoke();
+                    *result = Err(e.clone());
+                }
+            }
         }
-        for waiter in batch.drain(..) {
-            let _ = waiter.send(result.clone());
+        for (job, result) in batch.into_iter().zip(results) {
+            match &result {
+                Ok(()) => handle.enqueued(job.id),
+                Err(e) => {
+                    tracing::error!(event = "queue_write_failed", id = %job.id, error = %e, "message not stored");
+                }
+            }
+            let _ = job.done.send(result);
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A message being received: its header block in memory until it is complete, then
+/// everything on its way to the queue file.
+pub struct IncomingMessage {
+    writer: Option<MessageWriter>,
+    /// The first storage error: the rest of the message is read and dropped, and the
+    /// client gets a 4xx at the end.
+    failure: Option<SpoolError>,
+    /// The bytes received before the header block was complete; then the header block.
+    head: Vec<u8>,
+    header_len: Option<usize>,
+    header_too_large: bool,
+    size: u64,
+    hostname: String,
+    from: String,
+    helo: String,
+    peer: IpAddr,
+    queue_id: String,
+    recipients: Vec<String>,
+}
 
-    #[test]
-    fn queue_ids_are_unique_and_sort_by_time() {
-        let a = new_queue_id();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = new_queue_id();
-        assert_eq!(a.len(), 18);
-        assert!(a < b, "{a} < {b}");
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
-        );
+impl IncomingMessage {
+    pub fn queue_id(&self) -> &str {
+        &self.queue_id
+    }
+
+    /// The envelope sender (`""`: the null sender).
+    pub fn from(&self) -> &str {
+        &self.from
+    }
+
+    pub fn recipients(&self) -> &[String] {
+        &self.recipients
+    }
+
+    /// Takes decoded message bytes (no I/O).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.failure.is_some() || self.header_too_large {
+            return;
+        }
+        if self.header_len.is_some() {
+            if let Some(w) = self.writer.as_mut() {
+                w.push(bytes);
+            }
+            return;
+        }
+        self.head.extend_from_slice(bytes);
+        if let Some(n) = cleanup::complete_header_block(&self.head) {
+            self.start_body(n);
+        } else if self.head.len() > MAX_HEADER {
+            // Refused at the end; meanwhile keep nothing.
+            self.header_too_large = true;
+            self.head = Vec::new();
+        }
+    }
+
+    /// The header block is known: the trace headers, then everything received so far,
+    /// go to the writer; only the header block stays in `head`.
+    fn start_body(&mut self, header_len: usize) {
+        self.header_len = Some(header_len);
+        let trace = TraceInfo {
+            hostname: &self.hostname,
+            helo: &self.helo,
+            peer: self.peer,
+            queue_id: &self.queue_id,
+            recipients: &self.recipients,
+        };
+        let prefix = cleanup::trace_headers(&self.head[..header_len], &trace);
+        if let Some(w) = self.writer.as_mut() {
+            w.push(&prefix);
+            w.push(&self.head);
+        }
+        self.head.truncate(header_len);
+        self.head.shrink_to_fit();
+    }
+
+    /// At the end of DATA: a message without a body is all header block.
+    fn finish_headers(&mut self) {
+        if self.header_len.is_none() && !self.header_too_large && self.failure.is_none() {
+            self.start_body(self.head.len());
+        }
+    }
+
+    /// The header block, once the message is complete; `None` when it was larger than
+    /// [`MAX_HEADER`].
+    pub fn headers(&mut self) -> Option<&[u8]> {
+        self.finish_headers();
+        if self.header_too_large {
+            return None;
+        }
+        Some(&self.head)
+    }
+
+    /// Bytes of the client's message received (without the relay's headers).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether enough waits in memory to be written out now.
+    pub fn wants_spill(&self) -> bool {
+        self.failure.is_none() && self.writer.as_ref().is_some_and(|w| w.buffered() >= SPILL)
+    }
+
+    /// Writes what waits in memory to the queue file, off the async runtime. A failure
+    /// is kept for the end of DATA.
+    pub async fn spill(&mut self) {
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        // On failure the writer is dropped on the blocking thread: that removes its
+        // temporary file, so the space comes back at once.
+        let joined = tokio::task::spawn_blocking(move || writer.spill().map(|()| writer)).await;
+        match joined {
+            Ok(Ok(writer)) => self.writer = Some(writer),
+            Ok(Err(e)) => self.failure = Some(e.into()),
+            Err(e) => self.failure = Some(SpoolError::Failed(format!("write task failed: {e}"))),
+        }
+    }
+
+    /// Drops a refused message, removing what of it was written (off the runtime).
+    pub async fn discard(mut self) {
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(writer)).await;
+        }
     }
 }

@@ -1,17 +1,26 @@
-//! The smarthost client (Postfix's `smtp`): mail-send over plain TCP,
-//! STARTTLS or implicit TLS, optional AUTH, one connection kept open per
-//! delivery worker, and a result per recipient.
+//! The smarthost client (Postfix's `smtp`): plain TCP, STARTTLS or implicit TLS,
+//! optional AUTH, one connection kept open per delivery worker, and a result per
+//! recipient. mail-send carries the commands and parses the replies; the timeouts are
+//! ours, one per stage as RFC 5321 §4.5.3.2 sets them, in every TLS mode, so a
+//! smarthost that stalls anywhere costs one bounded attempt and never a worker.
+//!
+//! The message is streamed from its queue file in chunks and dot-stuffed on the way
+//! (RFC 5321 §4.5.2), so delivering a 25 MB message holds a few hundred KB.
 
 use std::{sync::Arc, time::Duration};
 
-use mail_send::{SmtpClient, SmtpClientBuilder};
+use domauth_store::{BodyType, Envelope, MessageReader};
+use mail_send::SmtpClient;
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
-use smtp_proto::Response;
-use tokio::net::TcpStream;
+use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SMTP_UTF8, Response};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::config::{Config, UpstreamTls};
@@ -26,20 +35,60 @@ pub enum RcptResult {
     Failed(String),
 }
 
+/// The outcome of one delivery attempt of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// Upstream answered: one result per recipient, in order.
+    Replied(Vec<RcptResult>),
+    /// Upstream could not be reached, or the connection broke or stalled: nothing is
+    /// known to be delivered, every recipient is deferred. Counts toward a dead
+    /// destination.
+    Unreachable(String),
+    /// The message file cannot be read back as it was written: the transaction was
+    /// abandoned before its end (upstream discards it); the message must be held.
+    Damaged(String),
+}
+
+/// The stage timeouts (RFC 5321 §4.5.3.2 gives the defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect, and the TLS handshake of implicit TLS.
+    pub connect: Duration,
+    /// The 220 greeting (§4.5.3.2.1: 5 minutes).
+    pub greeting: Duration,
+    /// EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET, QUIT (§4.5.3.2.2-3: 5 minutes).
+    pub command: Duration,
+    /// The 354 after DATA (§4.5.3.2.4: 2 minutes).
+    pub data: Duration,
+    /// Each block of the message written (§4.5.3.2.5: 3 minutes).
+    pub data_block: Duration,
+    /// The reply to the final dot (§4.5.3.2.6: 10 minutes). Long on purpose: a message
+    /// given up on here may have been delivered, and is then sent twice.
+    pub final_reply: Duration,
+}
+
 pub struct Upstream {
     host: String,
     port: u16,
     mode: UpstreamTls,
     credentials: Option<(String, String)>,
-    timeout: Duration,
+    timeouts: Timeouts,
     helo: String,
     connector: TlsConnector,
 }
 
-/// An open upstream connection and whether the smarthost pipelines.
+/// What the smarthost offered in its EHLO reply.
+#[derive(Debug, Clone, Copy, Default)]
+struct Offers {
+    pipelining: bool,
+    eight_bit: bool,
+    smtputf8: bool,
+}
+
+/// An open upstream connection and what the smarthost offers.
 pub struct Connection {
     stream: Stream,
-    pipelining: bool,
+    offers: Offers,
 }
 
 enum Stream {
@@ -47,13 +96,37 @@ enum Stream {
     Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
 }
 
+/// Bytes of the message read from disk and written per block.
+const CHUNK: usize = 256 * 1024;
+
+/// A connection-level failure: the connection is unusable afterwards.
+type Broken = String;
+
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    stage: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Broken> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{stage}: {e}")),
+        Err(_) => Err(format!(
+            "{stage}: timed out after {}",
+            humantime::format_duration(limit)
+        )),
+    }
+}
+
 impl Connection {
-    /// Ends the session politely (QUIT).
-    pub async fn quit(self) {
-        let _ = match self.stream {
-            Stream::Plain(c) => c.quit().await,
-            Stream::Tls(c) => c.quit().await,
-        };
+    /// Ends the session politely (QUIT), without waiting long for the answer.
+    pub async fn quit(self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, async {
+            match self.stream {
+                Stream::Plain(c) => c.quit().await,
+                Stream::Tls(c) => c.quit().await,
+            }
+        })
+        .await;
     }
 }
 
@@ -69,7 +142,14 @@ impl Upstream {
             port: u.port,
             mode: u.tls,
             credentials,
-            timeout: u.timeout.get(),
+            timeouts: Timeouts {
+                connect: u.connect_timeout.get(),
+                greeting: u.greeting_timeout.get(),
+                command: u.command_timeout.get(),
+                data: u.data_timeout.get(),
+                data_block: u.data_block_timeout.get(),
+                final_reply: u.final_timeout.get(),
+            },
             helo: config.server.hostname.clone(),
             connector: tls_connector(u.tls_insecure, u.ca_file.as_deref())?,
         })
@@ -79,153 +159,249 @@ impl Upstream {
         format!("{}:{}", self.host, self.port)
     }
 
+    pub fn command_timeout(&self) -> Duration {
+        self.timeouts.command
+    }
+
+    /// Connects, reads the greeting, says EHLO, starts TLS and authenticates as
+    /// configured. Every step has its own deadline.
     pub async fn connect(&self) -> Result<Connection, String> {
-        let builder = SmtpClientBuilder::new_with_tls_connector(
-            self.host.clone(),
-            self.port,
-            self.connector.clone(),
-        )
-        // mail-send defaults to implicit TLS and a one-hour timeout.
-        .implicit_tls(self.mode == UpstreamTls::Implicit)
-        .timeout(self.timeout)
-        .helo_host(self.helo.clone())
-        // We say EHLO ourselves, to learn whether the smarthost pipelines.
-        .say_ehlo(false);
+        let t = self.timeouts;
         let upstream = self.describe();
-        let failed = |e: mail_send::Error| format!("cannot connect to {upstream}: {e}");
-        // TCP_NODELAY: commands and the message go out in separate writes;
-        // with Nagle a write waits for the delayed ACK of the one before
-        // (~40 ms per message on Linux).
-        let connection = match self.mode {
+        let tcp = within(t.connect, "connect", async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            // TCP_NODELAY: commands and the message go out in separate writes; with
+            // Nagle a write waits for the delayed ACK of the one before (~40 ms).
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(tcp)
+        })
+        .await
+        .map_err(|e| format!("{upstream}: {e}"))?;
+        let result = match self.mode {
             UpstreamTls::None => {
-                let mut c = builder.connect_plain().await.map_err(failed)?;
-                let _ = c.stream.set_nodelay(true);
-                let pipelining = self.hello(&mut c).await.map_err(failed)?;
-                Connection {
-                    stream: Stream::Plain(c),
-                    pipelining,
+                let mut client = SmtpClient {
+                    stream: tcp,
+                    timeout: t.command,
+                };
+                self.greet(&mut client).await.map(|offers| Connection {
+                    stream: Stream::Plain(client),
+                    offers,
+                })
+            }
+            UpstreamTls::Implicit => {
+                let client = SmtpClient {
+                    stream: tcp,
+                    timeout: t.connect,
+                };
+                match client.into_tls(&self.connector, &self.host).await {
+                    Ok(mut client) => self.greet(&mut client).await.map(|offers| Connection {
+                        stream: Stream::Tls(Box::new(client)),
+                        offers,
+                    }),
+                    Err(e) => Err(format!("TLS handshake: {e}")),
                 }
             }
-            UpstreamTls::Starttls | UpstreamTls::Implicit => {
-                let mut c = builder.connect().await.map_err(failed)?;
-                let _ = c.stream.get_ref().0.set_nodelay(true);
-                let pipelining = self.hello(&mut c).await.map_err(failed)?;
-                Connection {
-                    stream: Stream::Tls(Box::new(c)),
-                    pipelining,
+            UpstreamTls::Starttls => {
+                let mut client = SmtpClient {
+                    stream: tcp,
+                    timeout: t.command,
+                };
+                match self.greeting(&mut client).await {
+                    Err(e) => Err(e),
+                    Ok(()) => match within(t.command, "EHLO", client.ehlo(&self.helo)).await {
+                        Err(e) => Err(e),
+                        Ok(_) => match client.start_tls(&self.connector, &self.host).await {
+                            Err(e) => Err(format!("STARTTLS: {e}")),
+                            Ok(mut client) => {
+                                self.hello(&mut client).await.map(|offers| Connection {
+                                    stream: Stream::Tls(Box::new(client)),
+                                    offers,
+                                })
+                            }
+                        },
+                    },
                 }
             }
         };
-        Ok(connection)
+        result.map_err(|e| format!("{upstream}: {e}"))
     }
 
-    /// EHLO, then AUTH when configured; returns whether PIPELINING is offered.
-    async fn hello<T>(&self, client: &mut SmtpClient<T>) -> mail_send::Result<bool>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let capabilities = client.ehlo(&self.helo).await?;
+    async fn greeting<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut SmtpClient<T>,
+    ) -> Result<(), Broken> {
+        let greeting = within(self.timeouts.greeting, "greeting", client.read()).await?;
+        if greeting.code != 220 {
+            return Err(format!("greeting: {}", reply_text(&greeting)));
+        }
+        Ok(())
+    }
+
+    async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut SmtpClient<T>,
+    ) -> Result<Offers, Broken> {
+        self.greeting(client).await?;
+        self.hello(client).await
+    }
+
+    /// EHLO, then AUTH when configured; returns what the smarthost offers.
+    async fn hello<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut SmtpClient<T>,
+    ) -> Result<Offers, Broken> {
+        client.timeout = self.timeouts.command;
+        let ehlo = within(self.timeouts.command, "EHLO", client.ehlo(&self.helo)).await?;
         if let Some((user, password)) = &self.credentials {
             let credentials = mail_send::Credentials::new(user.clone(), password.clone());
-            client.authenticate(&credentials, &capabilities).await?;
+            within(
+                self.timeouts.command,
+                "AUTH",
+                client.authenticate(&credentials, &ehlo),
+            )
+            .await?;
         }
-        Ok(capabilities.has_capability(smtp_proto::EXT_PIPELINING))
+        Ok(Offers {
+            pipelining: ehlo.has_capability(EXT_PIPELINING),
+            eight_bit: ehlo.has_capability(EXT_8BIT_MIME),
+            smtputf8: ehlo.has_capability(EXT_SMTP_UTF8),
+        })
     }
 
-    /// Sends one message on `conn` (opened here when `None`, dropped again
-    /// when it broke). Returns one result per recipient, in order.
+    /// One delivery attempt of one message on `conn` (opened here when `None`, dropped
+    /// again when it broke).
     pub async fn send(
         &self,
         conn: &mut Option<Connection>,
-        from: &str,
+        envelope: &Envelope,
         recipients: &[String],
-        message: &[u8],
-    ) -> Vec<RcptResult> {
-        // A reused connection may have been closed by the smarthost while
-        // idle: on a connection-level failure, retry once on a fresh one.
+        message: MessageReader,
+    ) -> Attempt {
+        // A connection kept open may have been closed by the smarthost meanwhile: when
+        // it fails before any of the message was sent, try once on a fresh one.
         let reused = conn.is_some();
-        let mut results = self.send_once(conn, from, recipients, message).await;
-        if reused && conn.is_none() && results.iter().all(|r| matches!(r, RcptResult::Deferred(_)))
-        {
-            results = self.send_once(conn, from, recipients, message).await;
+        match self.send_once(conn, envelope, recipients, message).await {
+            Ok(attempt) => attempt,
+            Err((_, message)) if reused => {
+                match self.send_once(conn, envelope, recipients, message).await {
+                    Ok(attempt) => attempt,
+                    Err((e, _)) => Attempt::Unreachable(e),
+                }
+            }
+            Err((e, _)) => Attempt::Unreachable(e),
         }
-        results
     }
 
+    /// `Err` gives the message back: the connection broke before any of it was sent.
     async fn send_once(
         &self,
         conn: &mut Option<Connection>,
-        from: &str,
+        envelope: &Envelope,
         recipients: &[String],
-        message: &[u8],
-    ) -> Vec<RcptResult> {
+        message: MessageReader,
+    ) -> Result<Attempt, (String, MessageReader)> {
         if conn.is_none() {
             match self.connect().await {
                 Ok(c) => *conn = Some(c),
-                Err(e) => return vec![RcptResult::Deferred(e); recipients.len()],
+                Err(e) => return Ok(Attempt::Unreachable(e)),
             }
         }
-        let result = match conn.as_mut() {
-            Some(Connection {
-                stream: Stream::Plain(c),
-                pipelining,
-            }) => transaction(c, *pipelining, from, recipients, message).await,
-            Some(Connection {
-                stream: Stream::Tls(c),
-                pipelining,
-            }) => transaction(c.as_mut(), *pipelining, from, recipients, message).await,
-            None => Err("no connection".to_string()),
+        let Some(c) = conn.as_mut() else {
+            return Ok(Attempt::Unreachable("no connection".into()));
         };
+        let offers = c.offers;
+        let result = match &mut c.stream {
+            Stream::Plain(client) => {
+                transaction(client, self.timeouts, offers, envelope, recipients, message).await
+            }
+            Stream::Tls(client) => {
+                transaction(
+                    client.as_mut(),
+                    self.timeouts,
+                    offers,
+                    envelope,
+                    recipients,
+                    message,
+                )
+                .await
+            }
+        };
+        let upstream = self.describe();
         match result {
-            Ok(results) => results,
-            Err(e) => {
+            Ok(results) => Ok(Attempt::Replied(results)),
+            Err(failure) => {
                 // The connection is in an unknown state: never reuse it.
                 *conn = None;
-                let e = format!("{}: {e}", self.describe());
-                vec![RcptResult::Deferred(e); recipients.len()]
+                match failure {
+                    Failure::BeforeData(e, message) => Err((format!("{upstream}: {e}"), message)),
+                    Failure::Broken(e) => Ok(Attempt::Unreachable(format!("{upstream}: {e}"))),
+                    Failure::Damaged(e) => Ok(Attempt::Damaged(e)),
+                }
             }
         }
     }
 }
 
-/// One SMTP transaction. `Err` is a connection-level failure (all deferred,
-/// connection dropped); SMTP replies become per-recipient results. With
-/// PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write.
+enum Failure {
+    /// The connection broke before any message data was written.
+    BeforeData(Broken, MessageReader),
+    Broken(Broken),
+    Damaged(String),
+}
+
+impl From<Broken> for Failure {
+    fn from(e: Broken) -> Failure {
+        Failure::Broken(e)
+    }
+}
+
+/// `MAIL FROM` with what the client declared, where the smarthost offers it (RFC 6152:
+/// BODY=8BITMIME; RFC 6531: SMTPUTF8). A message that needs SMTPUTF8 cannot go to a
+/// smarthost without it.
+fn mail_command(envelope: &Envelope, offers: Offers) -> Result<String, RcptResult> {
+    let mut command = format!("MAIL FROM:<{}>", envelope.from);
+    if envelope.body == BodyType::EightBitMime && offers.eight_bit {
+        command.push_str(" BODY=8BITMIME");
+    }
+    if envelope.smtputf8 {
+        if !offers.smtputf8 {
+            return Err(RcptResult::Failed(
+                "554 5.6.7 the smarthost does not offer SMTPUTF8, which this message needs".into(),
+            ));
+        }
+        command.push_str(" SMTPUTF8");
+    }
+    command.push_str("\r\n");
+    Ok(command)
+}
+
+/// One SMTP transaction. `Err` is a connection-level failure (all deferred, connection
+/// dropped); SMTP replies become per-recipient results. With PIPELINING (RFC 2920) MAIL,
+/// every RCPT and DATA go out in one write.
 async fn transaction<T>(
     client: &mut SmtpClient<T>,
-    pipelining: bool,
-    from: &str,
+    t: Timeouts,
+    offers: Offers,
+    envelope: &Envelope,
     recipients: &[String],
-    message: &[u8],
-) -> Result<Vec<RcptResult>, String>
+    message: MessageReader,
+) -> Result<Vec<RcptResult>, Failure>
 where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
+    let mail = match mail_command(envelope, offers) {
+        Ok(m) => m,
+        Err(refused) => return Ok(vec![refused; recipients.len()]),
+    };
     let mut commands = Vec::with_capacity(recipients.len() + 2);
-    commands.push(format!("MAIL FROM:<{from}>\r\n"));
+    commands.push(mail);
     commands.extend(recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")));
     commands.push("DATA\r\n".to_string());
-    let replies = if pipelining {
-        client.cmds(&commands).await.map_err(|e| e.to_string())?
-    } else {
-        // One command at a time, stopping where the server said no.
-        let mut replies = Vec::with_capacity(commands.len());
-        for (i, command) in commands.iter().enumerate() {
-            let reply = client.cmd(command).await.map_err(|e| e.to_string())?;
-            let positive = (200..400).contains(&reply.code);
-            let accepted_so_far = replies
-                .iter()
-                .skip(1)
-                .any(|r: &Response<String>| r.code < 400);
-            replies.push(reply);
-            let is_mail = i == 0;
-            let is_last_rcpt = i == recipients.len();
-            if (is_mail && !positive) || (is_last_rcpt && !accepted_so_far && !positive) {
-                break;
-            }
-        }
-        replies
+    let replies = match negotiate(client, t, offers.pipelining, &commands).await {
+        Ok(replies) => replies,
+        Err(e) => return Err(Failure::BeforeData(e, message)),
     };
+    client.timeout = t.command;
     let mail = &replies[0];
     if !(200..300).contains(&mail.code) {
         let result = classify(mail.code, reply_text(mail));
@@ -234,9 +410,9 @@ where
             .is_some_and(|r| r.code == 354)
         {
             // A pipelined DATA the server accepted anyway: end it empty.
-            finish_data(client, b"").await?;
+            finish_empty(client, t).await?;
         }
-        client.rset().await.map_err(|e| e.to_string())?;
+        within(t.command, "RSET", client.rset()).await?;
         return Ok(vec![result; recipients.len()]);
     }
     let mut results: Vec<Option<RcptResult>> = vec![None; recipients.len()];
@@ -251,7 +427,7 @@ where
     let data = replies.get(recipients.len() + 1);
     match data {
         Some(d) if d.code == 354 && !accepted.is_empty() => {
-            let done = finish_data(client, message).await?;
+            let done = send_message(client, t, message).await?;
             let outcome = classify(done.code, reply_text(&done));
             for &i in &accepted {
                 results[i] = Some(outcome.clone());
@@ -259,16 +435,16 @@ where
         }
         Some(d) if d.code == 354 => {
             // No recipient, but the pipelined DATA was taken: send nothing.
-            finish_data(client, b"").await?;
+            finish_empty(client, t).await?;
         }
         Some(d) => {
             let outcome = classify(d.code, reply_text(d));
             for &i in &accepted {
                 results[i] = Some(outcome.clone());
             }
-            client.rset().await.map_err(|e| e.to_string())?;
+            within(t.command, "RSET", client.rset()).await?;
         }
-        None => client.rset().await.map_err(|e| e.to_string())?,
+        None => within(t.command, "RSET", client.rset()).await?,
     }
     Ok(results
         .into_iter()
@@ -276,48 +452,185 @@ where
         .collect())
 }
 
-/// Sends the message after a 354 and reads the final reply. The message
-/// has canonical CRLF line endings (bare CR/LF is refused at DATA), so the
-/// transparency procedure (RFC 5321 §4.5.2) is a search for `LF .`. Message
-/// and terminator go out in one write.
-async fn finish_data<T>(
+/// MAIL, RCPT for each recipient, DATA: their replies. Without PIPELINING one command
+/// at a time, stopping where the server said no.
+async fn negotiate<T>(
     client: &mut SmtpClient<T>,
-    message: &[u8],
-) -> Result<Response<String>, String>
+    t: Timeouts,
+    pipelining: bool,
+    commands: &[String],
+) -> Result<Vec<Response<String>>, Broken>
 where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
-    use tokio::io::AsyncWriteExt;
-    let wire = dot_stuff(message);
-    let timeout = client.timeout;
-    tokio::time::timeout(timeout, async {
-        client.stream.write_all(&wire).await?;
-        client.stream.flush().await?;
-        client.read().await
-    })
-    .await
-    .map_err(|_| "timed out sending the message".to_string())?
-    .map_err(|e| e.to_string())
+    if pipelining {
+        client.timeout = t.command.max(t.data);
+        return within(client.timeout, "MAIL/RCPT/DATA", client.cmds(commands)).await;
+    }
+    let rcpt_count = commands.len() - 2;
+    let mut replies = Vec::with_capacity(commands.len());
+    for (i, command) in commands.iter().enumerate() {
+        let is_data = i == commands.len() - 1;
+        let limit = if is_data { t.data } else { t.command };
+        client.timeout = limit;
+        let stage = if i == 0 {
+            "MAIL"
+        } else if is_data {
+            "DATA"
+        } else {
+            "RCPT"
+        };
+        let reply = within(limit, stage, client.cmd(command)).await?;
+        let positive = (200..400).contains(&reply.code);
+        let accepted_so_far = replies
+            .iter()
+            .skip(1)
+            .any(|r: &Response<String>| r.code < 400);
+        replies.push(reply);
+        let is_mail = i == 0;
+        let is_last_rcpt = i == rcpt_count;
+        if (is_mail && !positive) || (is_last_rcpt && !accepted_so_far && !positive) {
+            break;
+        }
+    }
+    Ok(replies)
 }
 
-/// The message as sent after DATA: dots doubled at line starts, a final
-/// CRLF if missing, and the `.CRLF` terminator.
+/// After a 354 nobody wants: an empty message, and its reply.
+async fn finish_empty<T>(client: &mut SmtpClient<T>, t: Timeouts) -> Result<(), Broken>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    within(t.data_block, "writing the message", async {
+        client.stream.write_all(b".\r\n").await?;
+        client.stream.flush().await
+    })
+    .await?;
+    within(t.final_reply, "reply to the end of data", client.read()).await?;
+    Ok(())
+}
+
+/// Streams the message after a 354, block by block, each within `data_block`, then
+/// waits `final_reply` for the answer. A damaged queue file is noticed before its last
+/// block, so the final dot is never sent for it: dropping the connection makes the
+/// smarthost discard the transaction.
+async fn send_message<T>(
+    client: &mut SmtpClient<T>,
+    t: Timeouts,
+    message: MessageReader,
+) -> Result<Response<String>, Failure>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut reader = Some(message);
+    let mut chunk = Vec::with_capacity(CHUNK.min(64 * 1024));
+    let mut wire = Vec::new();
+    let mut stuffer = DotStuffer::default();
+    loop {
+        let Some(mut r) = reader.take() else { break };
+        let mut buf = std::mem::take(&mut chunk);
+        // Small messages are read in one go; the read runs off the async runtime.
+        let joined = tokio::task::spawn_blocking(move || {
+            let more = r.next_chunk(&mut buf, CHUNK);
+            (r, buf, more)
+        })
+        .await
+        .map_err(|e| Failure::Damaged(format!("read task failed: {e}")))?;
+        let (r, buf, more) = joined;
+        chunk = buf;
+        let more = more.map_err(|e| Failure::Damaged(e.to_string()))?;
+        if !more {
+            break;
+        }
+        wire.clear();
+        stuffer.push(&chunk, &mut wire);
+        let last = r.len_remaining() == 0;
+        if last {
+            stuffer.finish(&mut wire);
+        } else {
+            reader = Some(r);
+        }
+        within(t.data_block, "writing the message", async {
+            client.stream.write_all(&wire).await?;
+            client.stream.flush().await
+        })
+        .await?;
+        if last {
+            return Ok(within(t.final_reply, "reply to the end of data", client.read()).await?);
+        }
+    }
+    // An empty message: only the terminator.
+    wire.clear();
+    stuffer.finish(&mut wire);
+    within(t.data_block, "writing the message", async {
+        client.stream.write_all(&wire).await?;
+        client.stream.flush().await
+    })
+    .await?;
+    Ok(within(t.final_reply, "reply to the end of data", client.read()).await?)
+}
+
+/// The transparency procedure (RFC 5321 §4.5.2) over a message in pieces: a dot at
+/// the start of a line is doubled, a final CRLF is added if missing, then `.CRLF`. The
+/// message has canonical CRLF line endings (bare CR/LF is refused at DATA), so a line
+/// start is the byte after an LF.
+#[derive(Debug)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    /// The last two bytes seen: does the message end with CRLF?
+    tail: [u8; 2],
+    empty: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            tail: [0, 0],
+            empty: true,
+        }
+    }
+}
+
+impl DotStuffer {
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if chunk.is_empty() {
+            return;
+        }
+        out.reserve(chunk.len() + 64);
+        let mut rest = chunk;
+        if self.at_line_start && rest[0] == b'.' {
+            out.push(b'.');
+        }
+        while let Some(pos) = memchr::memmem::find(rest, b"\n.") {
+            out.extend_from_slice(&rest[..=pos]);
+            out.push(b'.');
+            rest = &rest[pos + 1..];
+        }
+        out.extend_from_slice(rest);
+        self.at_line_start = chunk.ends_with(b"\n");
+        self.tail = match chunk {
+            [.., a, b] => [*a, *b],
+            [b] => [self.tail[1], *b],
+            [] => self.tail,
+        };
+        self.empty = false;
+    }
+
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.empty && self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// The whole message as sent after DATA (tests, benchmarks).
 pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + 64);
-    let mut rest = message;
-    if rest.first() == Some(&b'.') {
-        out.push(b'.');
-    }
-    while let Some(pos) = memchr::memmem::find(rest, b"\n.") {
-        out.extend_from_slice(&rest[..=pos]);
-        out.push(b'.');
-        rest = &rest[pos + 1..];
-    }
-    out.extend_from_slice(rest);
-    if !message.is_empty() && !message.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut stuffer = DotStuffer::default();
+    stuffer.push(message, &mut out);
+    stuffer.finish(&mut out);
     out
 }
 
@@ -429,6 +742,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dot_stuffing_over_any_split() {
+        let message = b".a\r\nb\r\n.\r\n..c\r\nend";
+        let whole = dot_stuff(message);
+        for split in 0..=message.len() {
+            for second in split..=message.len() {
+                let mut out = Vec::new();
+                let mut stuffer = DotStuffer::default();
+                stuffer.push(&message[..split], &mut out);
+                stuffer.push(&message[split..second], &mut out);
+                stuffer.push(&message[second..], &mut out);
+                stuffer.finish(&mut out);
+                assert_eq!(out, whole, "split at {split}, {second}");
+            }
+        }
+        let crlf_split = [&b"a\r"[..], &b"\n"[..]];
+        let mut out = Vec::new();
+        let mut stuffer = DotStuffer::default();
+        for piece in crlf_split {
+            stuffer.push(piece, &mut out);
+        }
+        stuffer.finish(&mut out);
+        assert_eq!(out, b"a\r\n.\r\n");
+    }
+
+    #[test]
     fn dot_stuffing() {
         let cases: &[(&[u8], &[u8])] = &[
             (b"", b".\r\n"),
@@ -446,6 +784,27 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    /// A message in a queue of its own, ready to be read for delivery.
+    fn queued(body: &[u8], rcpts: &[String]) -> (tempfile::TempDir, Envelope, MessageReader) {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, _) = domauth_store::Queue::open(dir.path()).unwrap();
+        let envelope = Envelope {
+            id: "Q1".into(),
+            from: "a@b.test".into(),
+            recipients: rcpts.to_vec(),
+            received_at: chrono::Utc::now(),
+            login: None,
+            is_bounce: false,
+            body: BodyType::EightBitMime,
+            smtputf8: false,
+        };
+        let mut w = queue.writer(&envelope).unwrap();
+        w.push(body);
+        w.commit().unwrap();
+        let reader = queue.open_message("Q1").unwrap();
+        (dir, envelope, reader)
     }
 
     /// A scripted smarthost on an in-memory stream: answers each command
@@ -486,9 +845,26 @@ mod tests {
             timeout: Duration::from_secs(5),
         };
         let rcpts = vec!["ok@x.test".to_string(), "bad@x.test".to_string()];
-        let results = transaction(&mut client, pipelining, "a@b.test", &rcpts, b"hi\r\n")
-            .await
-            .unwrap();
+        let (_dir, envelope, reader) = queued(b"hi\r\n", &rcpts);
+        let second = Duration::from_secs(5);
+        let timeouts = Timeouts {
+            connect: second,
+            greeting: second,
+            command: second,
+            data: second,
+            data_block: second,
+            final_reply: second,
+        };
+        let offers = Offers {
+            pipelining,
+            eight_bit: true,
+            smtputf8: false,
+        };
+        let results =
+            match transaction(&mut client, timeouts, offers, &envelope, &rcpts, reader).await {
+                Ok(r) => r,
+                Err(_) => panic!("transaction failed at connection level"),
+            };
         drop(client);
         (results, server.await.unwrap())
     }
@@ -516,6 +892,11 @@ mod tests {
                 "{results:?}"
             );
             assert!(seen.contains("<354>hi\r\n.\r\n"), "{seen:?}");
+            // What the client declared travels on (RFC 6152).
+            assert!(
+                seen.starts_with("MAIL FROM:<a@b.test> BODY=8BITMIME\r\n"),
+                "{seen:?}"
+            );
         }
     }
 

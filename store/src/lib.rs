@@ -1,5 +1,6 @@
-//! The sled-backed data model of domauth: hostings, their mailboxes, the external domains
-//! they proved they control, the accounts of those domains, and the message queue.
+//! The data model of domauth: in sled, hostings, their mailboxes, the external domains
+//! they proved they control and the accounts of those domains; beside it, in files of its
+//! own, the message queue (`queue.rs`, [`Queue`]).
 //!
 //! No networking and no async logic lives here; [`Store::flush`] blocks on fsync, so async
 //! callers run it on a blocking thread. Every operation is a method of [`Store`], in the
@@ -11,7 +12,7 @@
 //! normalized name, domain or address can contain, so a prefix `part\0` selects exactly
 //! the records of that part and the natural key order is the order of the parts.
 //! Values are JSON (serde_json) so that records are readable with any sled dump and new
-//! optional fields can be added without a migration; queue bodies are raw bytes.
+//! optional fields can be added without a migration.
 //!
 //! | tree            | key                  | value                                   |
 //! |-----------------|----------------------|-----------------------------------------|
@@ -21,8 +22,6 @@
 //! | `domains`       | `hosting\0domain`    | [`AuthorizedDomain`]                    |
 //! | `accounts`      | `hosting\0address`   | [`AuthorizedAccount`]                   |
 //! | `account_index` | `address\0hosting`   | empty                                   |
-//! | `queue_meta`    | `id`                 | [`QueuedMessage`]                       |
-//! | `queue_body`    | `id`                 | where the body is in the body log (24 bytes) |
 //!
 //! - `own_domains` is the index of [`Hosting::domains`]: a domain is the own domain of at
 //!   most one hosting, and a mailbox's hosting is found from its address's domain.
@@ -30,26 +29,19 @@
 //!   `hosting\0address`); `account_index` is the same relation the other way round, so that
 //!   "which hostings list this address" is a prefix scan. Both are always written together
 //!   in one transaction.
-//! - Message bodies live outside sled, in the append-only segment files of `bodies/`
-//!   (see `bodylog.rs`); `queue_body` holds where each one is. A message is written body
-//!   first (log, then `queue_body`), envelope last, and removed envelope first, without a
-//!   transaction (it would cost more than the rest of the hot path). `open` sweeps what a
-//!   crash can leave half-written; none of it was acknowledged, as the group-commit flush
-//!   covers all of a message's writes.
-//!   Queue ids are opaque here; the relay makes them sort by time of acceptance.
+//! - The queue is not in sled: a full disk or an I/O error must touch one message and
+//!   nothing else, and sled 0.34 keeps failing after one I/O error until it is reopened.
+//!   See `queue.rs`.
 //!
 //! Hosting names are `[a-z0-9._-]{1,63}`, domains are normalized by
 //! [`normalize_domain`], addresses by [`normalize_address`]; all are lower case.
 //!
 //! # Durability
 //!
-//! Writes are not flushed by the store. sled flushes in the background every 500 ms, the
-//! body log never by itself; a caller that promises durability (the SMTP `250` after DATA)
-//! calls [`Store::flush`] first (body log `fdatasync`, then sled), once for many writes if
-//! it can (group commit).
+//! sled flushes in the background every 500 ms; [`Store::flush`] forces it (the server
+//! calls it at shutdown). The data here changes only through management commands.
 
 mod account;
-mod bodylog;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -62,7 +54,10 @@ pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
 pub use mailbox::Mailbox;
 pub use names::{domain_of, normalize_address, normalize_domain, normalize_hosting_name};
-pub use queue::{QueueRecipient, QueuedMessage, RecipientStatus};
+pub use queue::{
+    BodyType, DeliveryState, Envelope, MessageReader, MessageWriter, OpenReport, Queue,
+    QueueRecipient, QueuedMessage, RecipientStatus, is_disk_full,
+};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -83,16 +78,34 @@ pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
     #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
-    /// A stored value that does not decode: never panic on what is on disk.
-    /// A file of the body log could not be written or read.
+    Sled(sled::Error),
+    /// A file could not be written or read.
     #[error("storage error: {0}")]
     Io(String),
+    /// Another process holds the store (sled allows one).
+    #[error("the store is locked by another process: {0}")]
+    Locked(String),
+    /// No space left on the device (or the quota is used up): temporary for a client.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// A stored value that does not decode: never panic on what is on disk.
     #[error("corrupt record: {0}")]
     Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> StoreError {
+        match e {
+            sled::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull(io.to_string()),
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked(io.to_string())
+            }
+            other => StoreError::Sled(other),
+        }
+    }
+}
 
 /// The open database. Cloning is cheap: sled's `Db` and `Tree` are reference counted.
 #[derive(Clone)]
@@ -104,17 +117,14 @@ pub struct Store {
     domains: sled::Tree,
     accounts: sled::Tree,
     account_index: sled::Tree,
-    queue_meta: sled::Tree,
-    queue_body: sled::Tree,
-    bodies: std::sync::Arc<bodylog::BodyLog>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`. sled allows one process per directory: a
     /// second open fails at once (an I/O error, `WouldBlock`).
     pub fn open(dir: &Path) -> Result<Store> {
-        // sled's page cache defaults to 1 GiB; the queue streams through it,
-        // so bound it (the working set of hostings and domains is small).
+        // sled's page cache defaults to 1 GiB; the working set of hostings and
+        // domains is small.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
@@ -127,18 +137,13 @@ impl Store {
             domains: db.open_tree("domains")?,
             accounts: db.open_tree("accounts")?,
             account_index: db.open_tree("account_index")?,
-            queue_meta: db.open_tree("queue_meta")?,
-            queue_body: db.open_tree("queue_body")?,
-            bodies: std::sync::Arc::new(bodylog::BodyLog::open(&dir.join("bodies"))?),
             db,
         };
-        store.sweep_queue()?;
         Ok(store)
     }
 
     /// Writes everything buffered to disk and fsyncs (all trees share one log).
     pub fn flush(&self) -> Result<()> {
-        self.bodies.sync()?;
         self.db.flush()?;
         Ok(())
     }

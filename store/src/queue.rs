@@ -1,10 +1,55 @@
-//! The message queue: what was accepted with `250`, until upstream takes it or it bounces.
-//! This is the boundary between the SMTP side and delivery (STYLE.md): the session writes
-//! here, the scheduler reads here.
+//! The message queue on disk: what was accepted with `250`, until upstream takes it or it
+//! bounces. This is the boundary between the SMTP side and delivery (STYLE.md): the spool
+//! writes here, the scheduler reads here. It lives outside sled and outside the
+//! authorization data (it stays local to each node).
+//!
+//! # Layout: one file per message, as Postfix's queue
+//!
+//! In the queue directory:
+//!
+//! | file         | what                                                        | written |
+//! |--------------|-------------------------------------------------------------|---------|
+//! | `ID.msg`     | the envelope and the message, never changed after commit     | once    |
+//! | `ID.st`      | the delivery state (attempts, per-recipient results, held)   | replaced atomically |
+//! | `ID.tmp`     | a message being received; renamed to `ID.msg` at commit      | —       |
+//!
+//! `ID.msg`: `"DAQ1" | envelope length u32 LE | envelope JSON | message | message length
+//! u64 LE | crc32(message) u32 LE | "DAQE"`. The trailer lets a reader check that it has
+//! the whole message and that its bytes are the ones written.
+//!
+//! Why files, and not records in one log: a failure (a full disk, an I/O error) then
+//! touches one message and nothing else. An append that fails half way leaves no state
+//! behind for the next message to trip over; a delivered message goes by `unlink`, which
+//! needs no free space, so a full disk can never make the relay re-send what upstream
+//! already took. And a message can be written while it arrives, so no one holds a whole
+//! message in memory.
+//!
+//! # Durability
+//!
+//! [`MessageWriter::commit`] writes the trailer, `fdatasync`s and renames `ID.tmp` to
+//! `ID.msg`; [`Queue::sync_dir`] makes the renames durable. The relay's group commit
+//! calls `commit` for every message of a batch and `sync_dir` once, then answers `250`.
+//! The state file is not synced: losing it in a crash means a recipient is tried again
+//! (at least once), never that a message is lost.
 
-use crate::{Result, Store, StoreError, bodylog::BodyRef, decode, encode};
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::{Result, StoreError};
+
+const MAGIC: &[u8; 4] = b"DAQ1";
+const TRAILER_MAGIC: &[u8; 4] = b"DAQE";
+const TRAILER: u64 = 16;
+/// An envelope is JSON of at most a few hundred recipients; this bound is checked before
+/// anything read from disk decides how much to allocate.
+const MAX_ENVELOPE: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -24,316 +69,800 @@ pub struct QueueRecipient {
     pub status: RecipientStatus,
     /// Upstream's last reply for this recipient, for the log and the DSN.
     pub last_reply: Option<String>,
-    /// A DSN for this (failed) recipient has been queued: a failure is
-    /// bounced once, right after the attempt that found it, even while
-    /// other recipients of the message are still being retried.
+    /// A DSN for this (failed) recipient has been queued: a failure is bounced once,
+    /// right after the attempt that found it, even while other recipients of the message
+    /// are still being retried.
     #[serde(default)]
     pub bounced: bool,
 }
 
-/// The envelope and delivery state of a queued message; the body is stored apart.
+/// The body type the client declared (RFC 6152): it travels upstream with the message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyType {
+    #[default]
+    #[serde(rename = "7bit")]
+    SevenBit,
+    #[serde(rename = "8bitmime")]
+    EightBitMime,
+}
+
+/// What is fixed when a message is accepted: written once, at the head of `ID.msg`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct QueuedMessage {
+pub struct Envelope {
     pub id: String,
     /// The envelope sender; `""` is the null sender (no bounce is sent for it).
     pub from: String,
-    pub recipients: Vec<QueueRecipient>,
-    pub size: u64,
+    pub recipients: Vec<String>,
     pub received_at: DateTime<Utc>,
     /// The mailbox that submitted it; `None` for the relay's own bounces.
     pub login: Option<String>,
+    #[serde(default)]
+    pub is_bounce: bool,
+    #[serde(default)]
+    pub body: BodyType,
+    #[serde(default)]
+    pub smtputf8: bool,
+}
+
+/// What changes with each delivery attempt: `ID.st`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeliveryState {
     pub attempts: u32,
     pub next_attempt: DateTime<Utc>,
     pub last_error: Option<String>,
-    pub is_bounce: bool,
+    pub recipients: Vec<QueueRecipient>,
+    /// Not delivered until an operator says so (`queue retry`): its file is damaged or
+    /// unreadable. Never deleted silently.
+    #[serde(default)]
+    pub held: bool,
 }
 
-impl Store {
-    /// Stores a message. No transaction (they cost more than the whole SMTP
-    /// transaction on the hot path): the body is written before the envelope,
-    /// so an envelope never exists without its body. A crash can leave a body
-    /// without an envelope, from a write that was never flushed and so never
-    /// acknowledged; [`Store::open`] sweeps those. Does not flush: the caller
-    /// group-commits with [`Store::flush`] before answering `250`.
-    pub fn enqueue(&self, msg: &QueuedMessage, body: &[u8]) -> Result<()> {
-        if msg.id.is_empty() {
-            return Err(StoreError::Invalid("empty queue id".into()));
+impl DeliveryState {
+    /// The state of a message nobody tried yet.
+    pub fn fresh(envelope: &Envelope) -> DeliveryState {
+        DeliveryState {
+            attempts: 0,
+            next_attempt: envelope.received_at,
+            last_error: None,
+            recipients: envelope
+                .recipients
+                .iter()
+                .map(|address| QueueRecipient {
+                    address: address.clone(),
+                    status: RecipientStatus::Pending,
+                    last_reply: None,
+                    bounced: false,
+                })
+                .collect(),
+            held: false,
         }
-        let id = msg.id.as_bytes();
-        if self.queue_meta.contains_key(id)? {
-            return Err(StoreError::Conflict(format!(
-                "queue id {} already exists",
-                msg.id
+    }
+}
+
+/// A queued message as `queue list` / `queue show` see it: envelope, size and state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedMessage {
+    pub envelope: Envelope,
+    pub size: u64,
+    pub state: DeliveryState,
+}
+
+impl QueuedMessage {
+    pub fn id(&self) -> &str {
+        &self.envelope.id
+    }
+}
+
+/// What [`Queue::open`] found.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// Every committed message: id, its state, and its acceptance time.
+    pub messages: Vec<QueuedMessage>,
+    /// Messages whose file is damaged: kept, held, and listed with their error.
+    pub damaged: Vec<(String, String)>,
+    /// `ID.tmp` files removed: messages being received when the relay stopped; none of
+    /// them got a `250`.
+    pub incomplete_removed: usize,
+    /// `ID.st` files without their message (a crash between the two unlinks).
+    pub orphan_states_removed: usize,
+}
+
+/// The queue directory.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    dir: PathBuf,
+}
+
+/// Whether an I/O error means the file system is full (or the quota is).
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122))
+        || e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+}
+
+/// An I/O error with what was being done to which file; a full disk is its own kind
+/// (the client gets `452 4.3.1`, the operator a clear line).
+fn classify(what: &str, path: &Path, e: io::Error) -> StoreError {
+    let text = format!("{what} {}: {e}", path.display());
+    if is_disk_full(&e) {
+        StoreError::DiskFull(text)
+    } else {
+        StoreError::Io(text)
+    }
+}
+
+/// Queue ids are generated by the relay; anything else (a path separator, a dot) must
+/// never reach a file name.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl Queue {
+    /// Opens (creates) the queue directory, removes what a crash left half-written, and
+    /// reads every message's envelope and state.
+    pub fn open(dir: &Path) -> Result<(Queue, OpenReport)> {
+        fs::create_dir_all(dir).map_err(|e| classify("cannot create", dir, e))?;
+        let queue = Queue {
+            dir: dir.to_path_buf(),
+        };
+        let mut report = OpenReport::default();
+        let mut ids = Vec::new();
+        let mut states = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| classify("cannot list", dir, e))? {
+            let entry = entry.map_err(|e| classify("cannot list", dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((id, ext)) = name.rsplit_once('.') else {
+                continue;
+            };
+            if !valid_id(id) {
+                continue;
+            }
+            match ext {
+                "msg" => ids.push(id.to_string()),
+                "st" => states.push(id.to_string()),
+                "tmp" => {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(|e| classify("cannot remove", &path, e))?;
+                    report.incomplete_removed += 1;
+                }
+                _ => {}
+            }
+        }
+        ids.sort();
+        for id in states {
+            if ids.binary_search(&id).is_err() {
+                let path = queue.state_path(&id);
+                fs::remove_file(&path).map_err(|e| classify("cannot remove", &path, e))?;
+                report.orphan_states_removed += 1;
+            }
+        }
+        for id in ids {
+            match queue.load(&id) {
+                Ok(Some(m)) => report.messages.push(m),
+                Ok(None) => {}
+                Err(StoreError::Corrupt(why)) => report.damaged.push((id, why)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((queue, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn msg_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.msg"))
+    }
+
+    fn state_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.st"))
+    }
+
+    fn tmp_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.tmp"))
+    }
+
+    /// Starts a message. Nothing touches the disk until [`MessageWriter::spill`] or
+    /// [`MessageWriter::commit`].
+    pub fn writer(&self, envelope: &Envelope) -> Result<MessageWriter> {
+        if !valid_id(&envelope.id) {
+            return Err(StoreError::Invalid(format!(
+                "invalid queue id {:?}",
+                envelope.id
             )));
         }
-        let at = self.bodies.append(body)?;
-        self.queue_body.insert(id, &encode_ref(&at)[..])?;
-        self.queue_meta.insert(id, encode(msg))?;
-        Ok(())
+        let json = serde_json::to_vec(envelope)
+            .map_err(|e| StoreError::Invalid(format!("envelope: {e}")))?;
+        let len = u32::try_from(json.len())
+            .ok()
+            .filter(|&n| n <= MAX_ENVELOPE)
+            .ok_or_else(|| StoreError::Invalid("envelope too large".into()))?;
+        let mut head = Vec::with_capacity(8 + json.len());
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&json);
+        Ok(MessageWriter {
+            tmp: self.tmp_path(&envelope.id),
+            msg: self.msg_path(&envelope.id),
+            buf: head,
+            file: None,
+            written: 0,
+            message_len: 0,
+            crc: crc32fast::Hasher::new(),
+        })
     }
 
-    /// Every queued message, ordered by id.
-    pub fn queued(&self) -> Result<Vec<QueuedMessage>> {
-        self.queue_meta
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(
-                    format_args!("queued message {}", String::from_utf8_lossy(&key)),
-                    &value,
-                )
-            })
-            .collect()
+    /// Makes the renames of committed messages durable (fsync of the directory).
+    pub fn sync_dir(&self) -> Result<()> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| classify("cannot sync", &self.dir, e))
     }
 
-    pub fn queued_message(&self, id: &str) -> Result<Option<QueuedMessage>> {
-        self.queue_meta
-            .get(id)?
-            .map(|v| decode(format_args!("queued message {id}"), &v))
-            .transpose()
+    /// Every message, ordered by id (= by time of acceptance). Damaged ones are listed
+    /// with a held state that says what is wrong.
+    pub fn list(&self) -> Result<Vec<QueuedMessage>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| classify("cannot list", &self.dir, e))? {
+            let entry = entry.map_err(|e| classify("cannot list", &self.dir, e))?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".msg"))
+                .filter(|id| valid_id(id))
+            {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(m) = self.show(&id)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
     }
 
-    pub fn queue_body(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        match self.queue_body.get(id)?.and_then(|v| decode_ref(&v)) {
-            Some(at) => self.bodies.read(&at),
-            None => Ok(None),
+    /// One message as `queue show` sees it: a damaged one is shown held, with its error.
+    pub fn show(&self, id: &str) -> Result<Option<QueuedMessage>> {
+        match self.load(id) {
+            Err(StoreError::Corrupt(why)) => Ok(Some(damaged_view(id, why))),
+            other => other,
         }
     }
 
-    /// Overwrites the envelope and delivery state (never the body). A message dequeued
-    /// meanwhile (`queue delete` racing a delivery) is not brought back: `NotFound`.
-    /// One atomic read-modify-write of one key.
-    pub fn update_queued(&self, msg: &QueuedMessage) -> Result<()> {
-        let meta = encode(msg);
-        let previous = self
-            .queue_meta
-            .fetch_and_update(msg.id.as_bytes(), |old| old.map(|_| meta.clone()))?;
-        match previous {
-            Some(_) => Ok(()),
-            None => Err(no_message(&msg.id)),
+    /// One message's envelope, size and state; `None` when it is not (or no longer) queued.
+    /// A damaged file is `Err(Corrupt)`.
+    pub fn load(&self, id: &str) -> Result<Option<QueuedMessage>> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let path = self.msg_path(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(classify("cannot open", &path, e)),
+        };
+        let layout = read_layout(&mut file, &path)?;
+        let state = self.read_state(id)?;
+        let state = match state {
+            Some(s) if s.recipients.len() == layout.envelope.recipients.len() => s,
+            _ => DeliveryState::fresh(&layout.envelope),
+        };
+        Ok(Some(QueuedMessage {
+            size: layout.message_len,
+            envelope: layout.envelope,
+            state,
+        }))
+    }
+
+    fn read_state(&self, id: &str) -> Result<Option<DeliveryState>> {
+        let path = self.state_path(id);
+        match fs::read(&path) {
+            // A state file torn by a crash is as good as none: the message is tried again.
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(classify("cannot read", &path, e)),
         }
     }
 
-    /// Removes a message: the envelope first (from then on it is gone for every
-    /// reader), then the body.
-    pub fn dequeue(&self, id: &str) -> Result<()> {
-        if self.queue_meta.remove(id.as_bytes())?.is_none() {
+    /// Replaces a message's delivery state (write to a temporary file, rename). Not
+    /// synced: see the module documentation. A message removed meanwhile is not brought
+    /// back: `NotFound`.
+    pub fn save_state(&self, id: &str, state: &DeliveryState) -> Result<()> {
+        if !valid_id(id) || !self.msg_path(id).exists() {
             return Err(no_message(id));
         }
-        if let Some(at) = self
-            .queue_body
-            .remove(id.as_bytes())?
-            .and_then(|v| decode_ref(&v))
-        {
-            self.bodies.release(&at);
+        let path = self.state_path(id);
+        let tmp = self.dir.join(format!("{id}.st.new"));
+        let json = serde_json::to_vec(state)
+            .map_err(|e| StoreError::Invalid(format!("delivery state: {e}")))?;
+        let written = fs::write(&tmp, &json).and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(classify("cannot write", &path, e));
+        }
+        // `queue delete` between the check and the rename leaves a state without its
+        // message: remove it again (the sweep at open would too).
+        if !self.msg_path(id).exists() {
+            let _ = fs::remove_file(&path);
+            return Err(no_message(id));
         }
         Ok(())
     }
 
-    /// Removes what a crash may have left half-written: bodies without an
-    /// envelope (an enqueue cut short), bodies whose record in the log is
-    /// missing or damaged (written but never synced), and envelopes without a
-    /// body. None of it was acknowledged. Then counts the live bodies so the
-    /// log can delete segments nobody refers to.
-    pub(crate) fn sweep_queue(&self) -> Result<usize> {
-        let mut removed = 0;
-        for entry in self.queue_body.iter() {
-            let (id, value) = entry?;
-            let at = decode_ref(&value);
-            let intact = match &at {
-                Some(at) => self.bodies.read(at)?.is_some(),
-                None => false,
-            };
-            if intact && self.queue_meta.contains_key(&id)? {
-                if let Some(at) = at {
-                    self.bodies.retain(&at);
-                }
-            } else {
-                self.queue_body.remove(&id)?;
-                removed += 1;
-            }
+    /// Opens a message's content for delivery: a reader of exactly its bytes that checks
+    /// the CRC at the end.
+    pub fn open_message(&self, id: &str) -> Result<MessageReader> {
+        if !valid_id(id) {
+            return Err(no_message(id));
         }
-        for entry in self.queue_meta.iter().keys() {
-            let id = entry?;
-            if !self.queue_body.contains_key(&id)? {
-                self.queue_meta.remove(&id)?;
-                removed += 1;
-            }
-        }
-        self.bodies.remove_unreferenced()?;
-        Ok(removed)
+        let path = self.msg_path(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(no_message(id)),
+            Err(e) => return Err(classify("cannot open", &path, e)),
+        };
+        let layout = read_layout(&mut file, &path)?;
+        file.seek(SeekFrom::Start(layout.message_offset))
+            .map_err(|e| classify("cannot read", &path, e))?;
+        Ok(MessageReader {
+            file,
+            path,
+            remaining: layout.message_len,
+            expected_crc: layout.crc,
+            crc: crc32fast::Hasher::new(),
+        })
     }
-}
 
-/// `segment u64 | offset u64 | len u32 | crc u32`, little-endian.
-fn encode_ref(at: &BodyRef) -> [u8; 24] {
-    let mut out = [0u8; 24];
-    out[..8].copy_from_slice(&at.segment.to_le_bytes());
-    out[8..16].copy_from_slice(&at.offset.to_le_bytes());
-    out[16..20].copy_from_slice(&at.len.to_le_bytes());
-    out[20..].copy_from_slice(&at.crc.to_le_bytes());
-    out
-}
+    /// The message's header block, at most `limit` bytes (for bounces, which carry the
+    /// original's headers, not its body).
+    pub fn read_head(&self, id: &str, limit: usize) -> Result<Vec<u8>> {
+        let mut reader = self.open_message(id)?;
+        let want = usize::try_from(reader.remaining)
+            .unwrap_or(usize::MAX)
+            .min(limit);
+        let mut out = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match reader.file.read(&mut out[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => return Err(classify("cannot read", &reader.path, e)),
+            }
+        }
+        out.truncate(filled);
+        Ok(out)
+    }
 
-fn decode_ref(raw: &[u8]) -> Option<BodyRef> {
-    let raw: &[u8; 24] = raw.try_into().ok()?;
-    let u64_at = |i: usize| raw[i..i + 8].try_into().ok().map(u64::from_le_bytes);
-    let u32_at = |i: usize| raw[i..i + 4].try_into().ok().map(u32::from_le_bytes);
-    Some(BodyRef {
-        segment: u64_at(0)?,
-        offset: u64_at(8)?,
-        len: u32_at(16)?,
-        crc: u32_at(20)?,
-    })
+    /// Removes a message: the message file first (from then on it is gone for every
+    /// reader), then its state. `unlink` needs no free space: on a full disk a delivered
+    /// message still leaves the queue. `false` when it was not queued.
+    pub fn remove(&self, id: &str) -> Result<bool> {
+        if !valid_id(id) {
+            return Ok(false);
+        }
+        let path = self.msg_path(id);
+        let existed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(classify("cannot remove", &path, e)),
+        };
+        let state = self.state_path(id);
+        match fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(classify("cannot remove", &state, e)),
+        }
+        Ok(existed)
+    }
 }
 
 fn no_message(id: &str) -> StoreError {
     StoreError::NotFound(format!("no queued message {id}"))
 }
 
+/// The listing of a message whose file cannot be read: held, with the reason.
+fn damaged_view(id: &str, why: String) -> QueuedMessage {
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    QueuedMessage {
+        envelope: Envelope {
+            id: id.to_string(),
+            from: String::new(),
+            recipients: Vec::new(),
+            received_at: epoch,
+            login: None,
+            is_bounce: false,
+            body: BodyType::SevenBit,
+            smtputf8: false,
+        },
+        size: 0,
+        state: DeliveryState {
+            attempts: 0,
+            next_attempt: epoch,
+            last_error: Some(format!("message file damaged: {why}")),
+            recipients: Vec::new(),
+            held: true,
+        },
+    }
+}
+
+struct Layout {
+    envelope: Envelope,
+    message_offset: u64,
+    message_len: u64,
+    crc: u32,
+}
+
+/// Reads and checks the head and the trailer of `ID.msg`. Every length read from the
+/// file is checked against the file's size before it is used.
+fn read_layout(file: &mut File, path: &Path) -> Result<Layout> {
+    let corrupt = |why: &str| StoreError::Corrupt(format!("{}: {why}", path.display()));
+    let size = file
+        .metadata()
+        .map_err(|e| classify("cannot read", path, e))?
+        .len();
+    let mut head = [0u8; 8];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|_| corrupt("shorter than its header"))?;
+    if &head[..4] != MAGIC {
+        return Err(corrupt("not a queue file"));
+    }
+    let env_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if env_len > MAX_ENVELOPE || 8 + u64::from(env_len) + TRAILER > size {
+        return Err(corrupt("envelope length out of range"));
+    }
+    let mut json = vec![0u8; env_len as usize];
+    file.read_exact_at(&mut json, 8)
+        .map_err(|e| classify("cannot read", path, e))?;
+    let envelope: Envelope =
+        serde_json::from_slice(&json).map_err(|e| corrupt(&format!("envelope: {e}")))?;
+    let mut trailer = [0u8; TRAILER as usize];
+    file.read_exact_at(&mut trailer, size - TRAILER)
+        .map_err(|e| classify("cannot read", path, e))?;
+    if &trailer[12..] != TRAILER_MAGIC {
+        return Err(corrupt("no trailer"));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&trailer[..8]);
+    let message_len = u64::from_le_bytes(len8);
+    let message_offset = 8 + u64::from(env_len);
+    if message_offset.checked_add(message_len).map(|n| n + TRAILER) != Some(size) {
+        return Err(corrupt("message length does not match the file size"));
+    }
+    let crc = u32::from_le_bytes([trailer[8], trailer[9], trailer[10], trailer[11]]);
+    Ok(Layout {
+        envelope,
+        message_offset,
+        message_len,
+        crc,
+    })
+}
+
+/// A message being written. Bytes are buffered in memory; [`MessageWriter::spill`]
+/// writes the buffer to `ID.tmp` (blocking: call it off the async runtime), so a large
+/// message never sits whole in memory. Dropping a writer that was not committed removes
+/// its temporary file.
+pub struct MessageWriter {
+    tmp: PathBuf,
+    msg: PathBuf,
+    buf: Vec<u8>,
+    file: Option<File>,
+    /// Bytes already in the file.
+    written: u64,
+    message_len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl MessageWriter {
+    /// Appends message bytes to the buffer (no I/O).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        self.message_len += bytes.len() as u64;
+        self.crc.update(bytes);
+    }
+
+    /// Bytes waiting in memory.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Message bytes pushed so far.
+    pub fn message_len(&self) -> u64 {
+        self.message_len
+    }
+
+    /// Writes the buffer to the temporary file (creating it). Blocking.
+    pub fn spill(&mut self) -> Result<()> {
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&self.tmp)
+                .map_err(|e| classify("cannot create", &self.tmp, e))?;
+            self.file = Some(file);
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(StoreError::Io("queue file not open".into()));
+        };
+        // Written at an explicit offset: whatever a failed write left behind is
+        // overwritten by the next attempt, never taken for data.
+        file.write_all_at(&self.buf, self.written)
+            .map_err(|e| classify("cannot write", &self.tmp, e))?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        // Keep a small buffer: a long message streams through it.
+        if self.buf.capacity() > 1024 * 1024 {
+            self.buf.shrink_to(256 * 1024);
+        }
+        Ok(())
+    }
+
+    /// Finishes the file (trailer), makes it durable (`fdatasync`) and renames it into
+    /// the queue. Blocking. The rename is durable after [`Queue::sync_dir`].
+    pub fn commit(&mut self) -> Result<()> {
+        let crc = self.crc.clone().finalize();
+        self.buf.extend_from_slice(&self.message_len.to_le_bytes());
+        self.buf.extend_from_slice(&crc.to_le_bytes());
+        self.buf.extend_from_slice(TRAILER_MAGIC);
+        self.spill()?;
+        let Some(file) = self.file.as_ref() else {
+            return Err(StoreError::Io("queue file not open".into()));
+        };
+        // A failed write can leave bytes past the end we know: cut them off.
+        file.set_len(self.written)
+            .map_err(|e| classify("cannot write", &self.tmp, e))?;
+        file.sync_data()
+            .map_err(|e| classify("cannot sync", &self.tmp, e))?;
+        fs::rename(&self.tmp, &self.msg).map_err(|e| classify("cannot rename", &self.tmp, e))?;
+        self.file = None;
+        Ok(())
+    }
+
+    /// Takes a committed message back out (its `250` could not be given: the directory
+    /// sync of its batch failed). Blocking.
+    pub fn revoke(&mut self) {
+        let _ = fs::remove_file(&self.msg);
+    }
+}
+
+impl Drop for MessageWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Reads one message's bytes (without envelope or trailer) and checks its CRC at the
+/// end: a damaged message is an error before its last byte is handed out, so a caller
+/// that sends it on can still abort instead of finishing the transaction.
+pub struct MessageReader {
+    file: File,
+    path: PathBuf,
+    remaining: u64,
+    expected_crc: u32,
+    crc: crc32fast::Hasher,
+}
+
+impl MessageReader {
+    pub fn len_remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Fills `buf` (cleared first) with up to `max` bytes; `Ok(false)` at the end.
+    /// Blocking.
+    pub fn next_chunk(&mut self, buf: &mut Vec<u8>, max: usize) -> Result<bool> {
+        buf.clear();
+        if self.remaining == 0 {
+            return Ok(false);
+        }
+        let want = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(max);
+        buf.resize(want, 0);
+        let mut filled = 0;
+        while filled < want {
+            match self.file.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}: message cut short",
+                        self.path.display()
+                    )));
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(classify("cannot read", &self.path, e)),
+            }
+        }
+        self.crc.update(buf);
+        self.remaining -= want as u64;
+        if self.remaining == 0 && self.crc.clone().finalize() != self.expected_crc {
+            return Err(StoreError::Corrupt(format!(
+                "{}: message checksum mismatch",
+                self.path.display()
+            )));
+        }
+        Ok(true)
+    }
+
+    /// The whole message in memory (small messages, tests). Blocking.
+    pub fn read_all(mut self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(self.remaining).unwrap_or(0));
+        let mut chunk = Vec::new();
+        while self.next_chunk(&mut chunk, 1 << 20)? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::store;
 
-    fn message(id: &str) -> QueuedMessage {
-        let now = Utc::now();
-        QueuedMessage {
+    fn envelope(id: &str) -> Envelope {
+        Envelope {
             id: id.into(),
             from: "info@acme.example".into(),
-            recipients: vec![
-                QueueRecipient {
-                    address: "a@dest.example".into(),
-                    status: RecipientStatus::Pending,
-                    last_reply: None,
-                    bounced: false,
-                },
-                QueueRecipient {
-                    address: "b@dest.example".into(),
-                    status: RecipientStatus::Pending,
-                    last_reply: None,
-                    bounced: false,
-                },
-            ],
-            size: 5,
-            received_at: now,
+            recipients: vec!["a@dest.example".into(), "b@dest.example".into()],
+            received_at: Utc::now(),
             login: Some("info@acme.example".into()),
-            attempts: 0,
-            next_attempt: now,
-            last_error: None,
             is_bounce: false,
+            body: BodyType::EightBitMime,
+            smtputf8: false,
         }
     }
 
+    fn put(q: &Queue, id: &str, body: &[u8]) {
+        let mut w = q.writer(&envelope(id)).unwrap();
+        w.push(body);
+        w.commit().unwrap();
+        q.sync_dir().unwrap();
+    }
+
     #[test]
-    fn round_trip() {
-        let (_dir, store) = store();
-        let (second, first) = (message("0002"), message("0001"));
-        store.enqueue(&second, b"body2").unwrap();
-        store.enqueue(&first, b"body1").unwrap();
-        assert!(matches!(
-            store.enqueue(&first, b"x"),
-            Err(StoreError::Conflict(_))
-        ));
+    fn round_trip_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, report) = Queue::open(dir.path()).unwrap();
+        assert!(report.messages.is_empty());
+        put(&q, "0002", b"body2");
+        put(&q, "0001", b"body1\r\n");
+        let list = q.list().unwrap();
         assert_eq!(
-            store.queue_body("0001").unwrap().as_deref(),
-            Some(&b"body1"[..])
+            list.iter().map(|m| m.id()).collect::<Vec<_>>(),
+            ["0001", "0002"]
+        );
+        assert_eq!(list[0].size, 7);
+        assert_eq!(list[0].envelope.body, BodyType::EightBitMime);
+        assert_eq!(list[0].state, DeliveryState::fresh(&list[0].envelope));
+        assert_eq!(
+            q.open_message("0001").unwrap().read_all().unwrap(),
+            b"body1\r\n"
         );
 
-        assert_eq!(store.queued().unwrap(), [first.clone(), second.clone()]);
-        assert_eq!(store.queued_message("0002").unwrap(), Some(second));
+        let mut st = list[0].state.clone();
+        st.attempts = 1;
+        st.recipients[0].status = RecipientStatus::Delivered;
+        st.last_error = Some("451 later".into());
+        q.save_state("0001", &st).unwrap();
+        assert_eq!(q.load("0001").unwrap().unwrap().state, st);
 
-        let mut updated = first.clone();
-        updated.attempts = 1;
-        updated.recipients[0].status = RecipientStatus::Delivered;
-        updated.recipients[0].last_reply = Some("250 2.0.0 Ok".into());
-        updated.recipients[1].status = RecipientStatus::Failed;
-        updated.last_error = Some("550 5.1.1 no such user".into());
-        store.update_queued(&updated).unwrap();
-        assert_eq!(store.queued_message("0001").unwrap(), Some(updated.clone()));
-        assert_eq!(
-            store.queue_body("0001").unwrap().as_deref(),
-            Some(&b"body1"[..])
-        );
-
-        store.dequeue("0001").unwrap();
-        assert_eq!(store.queued_message("0001").unwrap(), None);
-        assert_eq!(store.queue_body("0001").unwrap(), None);
+        assert!(q.remove("0001").unwrap());
+        assert!(!q.remove("0001").unwrap());
+        assert_eq!(q.load("0001").unwrap(), None);
+        // A late state write after a delete does not resurrect the message.
         assert!(matches!(
-            store.dequeue("0001"),
+            q.save_state("0001", &st),
             Err(StoreError::NotFound(_))
         ));
-        // A late update after a delete does not resurrect the message.
-        assert!(matches!(
-            store.update_queued(&updated),
-            Err(StoreError::NotFound(_))
-        ));
-        assert_eq!(store.queued_message("0001").unwrap(), None);
-        assert_eq!(store.queued().unwrap().len(), 1);
+        assert!(!dir.path().join("0001.st").exists());
     }
 
     #[test]
-    fn null_sender_and_json_shape() {
-        let (_dir, store) = store();
-        let mut bounce = message("0003");
-        bounce.from = String::new();
-        bounce.login = None;
-        bounce.is_bounce = true;
-        store.enqueue(&bounce, b"").unwrap();
-        assert_eq!(store.queued_message("0003").unwrap(), Some(bounce));
-        let raw = store.queue_meta.get("0003").unwrap().unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-        assert_eq!(json["recipients"][0]["status"], "pending");
-        assert_eq!(json["from"], "");
+    fn large_message_streams_through_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path()).unwrap();
+        let mut w = q.writer(&envelope("0001")).unwrap();
+        let block: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        for _ in 0..30 {
+            w.push(&block);
+            w.spill().unwrap();
+            assert_eq!(w.buffered(), 0);
+        }
+        w.commit().unwrap();
+        let mut r = q.open_message("0001").unwrap();
+        let mut chunk = Vec::new();
+        let mut total = 0;
+        while r.next_chunk(&mut chunk, 65536).unwrap() {
+            total += chunk.len();
+        }
+        assert_eq!(total, 3_000_000);
     }
 
     #[test]
-    fn survives_reopen() {
-        let (dir, store) = store();
-        store
-            .add_hosting("acme", &["acme.example".to_string()])
-            .unwrap();
-        let msg = message("0001");
-        store.enqueue(&msg, b"Subject: hi\r\n\r\nbody\r\n").unwrap();
-        store.flush().unwrap();
-        drop(store);
-
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.queued().unwrap(), [msg]);
-        assert_eq!(
-            store.queue_body("0001").unwrap().as_deref(),
-            Some(&b"Subject: hi\r\n\r\nbody\r\n"[..])
-        );
-        assert_eq!(
-            store.hosting_of_domain("acme.example").unwrap().as_deref(),
-            Some("acme")
-        );
+    fn uncommitted_and_dropped_writers_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path()).unwrap();
+        {
+            let mut w = q.writer(&envelope("0001")).unwrap();
+            w.push(b"partial");
+            w.spill().unwrap();
+            assert!(dir.path().join("0001.tmp").exists());
+        }
+        assert!(!dir.path().join("0001.tmp").exists());
+        assert!(q.list().unwrap().is_empty());
     }
 
     #[test]
-    fn open_sweeps_half_written_messages() {
+    fn open_sweeps_temporaries_and_orphan_states_and_holds_damaged_files() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
-            store.enqueue(&message("0001"), b"kept").unwrap();
-            // What a crash between the two writes (or a lost body) leaves.
-            store
-                .queue_body
-                .insert("0002", &b"orphan body"[..])
-                .unwrap();
-            store
-                .queue_meta
-                .insert("0003", encode(&message("0003")))
-                .unwrap();
-            store.flush().unwrap();
+            let (q, _) = Queue::open(dir.path()).unwrap();
+            put(&q, "0001", b"kept");
+            put(&q, "0003", b"will be damaged");
         }
-        let store = Store::open(dir.path()).unwrap();
-        let ids: Vec<String> = store.queued().unwrap().into_iter().map(|m| m.id).collect();
-        assert_eq!(ids, vec!["0001"]);
-        assert_eq!(store.queue_body("0002").unwrap(), None);
-        assert_eq!(
-            store.queue_body("0001").unwrap().as_deref(),
-            Some(&b"kept"[..])
+        fs::write(dir.path().join("0002.tmp"), b"half a message").unwrap();
+        fs::write(dir.path().join("0009.st"), b"{}").unwrap();
+        // Flip one byte of 0003's message: its CRC no longer matches.
+        let p = dir.path().join("0003.msg");
+        let mut bytes = fs::read(&p).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        fs::write(dir.path().join("0004.msg"), b"DAQ1garbage").unwrap();
+
+        let (q, report) = Queue::open(dir.path()).unwrap();
+        assert_eq!(report.incomplete_removed, 1);
+        assert_eq!(report.orphan_states_removed, 1);
+        let ids: Vec<&str> = report.messages.iter().map(|m| m.id()).collect();
+        assert_eq!(ids, ["0001", "0003"]);
+        assert_eq!(report.damaged.len(), 1, "{:?}", report.damaged);
+        assert_eq!(report.damaged[0].0, "0004");
+        // The CRC is checked while reading, before the last byte is handed out.
+        assert!(matches!(
+            q.open_message("0003").unwrap().read_all(),
+            Err(StoreError::Corrupt(_))
+        ));
+        // Damaged files are listed, held, never dropped.
+        let listed = q.list().unwrap();
+        let damaged = listed.iter().find(|m| m.id() == "0004").unwrap();
+        assert!(damaged.state.held);
+        assert!(
+            damaged
+                .state
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("damaged")
         );
+    }
+
+    #[test]
+    fn lengths_from_disk_are_checked_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path()).unwrap();
+        let mut evil = Vec::new();
+        evil.extend_from_slice(MAGIC);
+        evil.extend_from_slice(&u32::MAX.to_le_bytes());
+        evil.extend_from_slice(&[0u8; 32]);
+        fs::write(dir.path().join("0001.msg"), &evil).unwrap();
+        assert!(matches!(q.load("0001"), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn ids_never_become_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path()).unwrap();
+        assert!(q.writer(&envelope("../x")).is_err());
+        assert_eq!(q.load("../x").unwrap(), None);
+        assert!(!q.remove("a/b").unwrap());
     }
 }

@@ -239,11 +239,17 @@ impl RelayConfig {
             .set("upstream", "host", "\"127.0.0.1\"")
             .set("upstream", "port", &upstream_port.to_string())
             .set("upstream", "tls", "\"none\"")
-            .set("upstream", "timeout", "\"10s\"")
+            .set("upstream", "connect_timeout", "\"10s\"")
+            .set("upstream", "greeting_timeout", "\"10s\"")
+            .set("upstream", "command_timeout", "\"10s\"")
+            .set("upstream", "data_timeout", "\"10s\"")
+            .set("upstream", "data_block_timeout", "\"10s\"")
+            .set("upstream", "final_timeout", "\"10s\"")
             .set("dns", "nameservers", "[\"127.0.0.1:9\"]")
             .set("dns", "timeout", "\"2s\"")
             .set("queue", "retry_initial", "\"1s\"")
             .set("queue", "retry_max", "\"2s\"")
+            .set("queue", "probe_interval", "\"1s\"")
             .set("limits", "auth_failure_delay", "\"100ms\"");
         c
     }

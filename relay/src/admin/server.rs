@@ -14,7 +14,7 @@ use axum::{
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use domauth_store::{
-    AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, QueuedMessage, Store, StoreError,
+    AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError,
     normalize_domain,
 };
 use serde::Deserialize;
@@ -27,7 +27,10 @@ use crate::{policy, queue::QueueHandle, smtp::auth::hash_password, verify::Verif
 pub struct AdminState {
     pub store: Store,
     pub verifier: Arc<Verifier>,
-    pub queue: QueueHandle,
+    /// The queue on disk (read by `queue list/show`) and the scheduler (told about
+    /// `retry` and `delete`).
+    pub queue: Queue,
+    pub scheduler: QueueHandle,
 }
 
 /// An error for the CLI: HTTP status plus one line of text.
@@ -176,21 +179,37 @@ fn domain_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
 }
 
 fn queue_json(m: &QueuedMessage) -> Value {
+    let (e, st) = (&m.envelope, &m.state);
     json!({
-        "id": m.id,
-        "from": m.from,
-        "recipients": m.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(),
-        "recipient_status": m.recipients.iter().map(|r| json!({
+        "id": e.id,
+        "from": e.from,
+        "recipients": e.recipients,
+        "recipient_status": st.recipients.iter().map(|r| json!({
             "address": r.address, "status": r.status, "last_reply": r.last_reply,
         })).collect::<Vec<_>>(),
         "size": m.size,
-        "attempts": m.attempts,
-        "next_attempt": ts(Some(m.next_attempt)),
-        "last_error": m.last_error,
-        "received_at": ts(Some(m.received_at)),
-        "login": m.login,
-        "bounce": m.is_bounce,
+        "attempts": st.attempts,
+        "next_attempt": ts(Some(st.next_attempt)),
+        "last_error": st.last_error,
+        "held": st.held,
+        "received_at": ts(Some(e.received_at)),
+        "login": e.login,
+        "bounce": e.is_bounce,
+        "body": e.body,
+        "smtputf8": e.smtputf8,
     })
+}
+
+/// Runs a blocking queue operation off the async runtime.
+async fn on_queue<T: Send + 'static>(
+    queue: &Queue,
+    f: impl FnOnce(&Queue) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let queue = queue.clone();
+    tokio::task::spawn_blocking(move || f(&queue))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
 }
 
 /// Passwords arrive in the request body (the socket is 0600) and are hashed
@@ -444,30 +463,38 @@ async fn delete_account(
 }
 
 async fn list_queue(State(s): State<AdminState>) -> ApiResult {
-    let list: Vec<Value> = s.store.queued()?.iter().map(queue_json).collect();
-    Ok(Json(Value::Array(list)))
+    let list = on_queue(&s.queue, |q| q.list()).await?;
+    Ok(Json(Value::Array(list.iter().map(queue_json).collect())))
 }
 
-fn queued(store: &Store, id: &str) -> Result<QueuedMessage, ApiError> {
-    store
-        .queued_message(id)?
+async fn queued(queue: &Queue, id: &str) -> Result<QueuedMessage, ApiError> {
+    let owned = id.to_string();
+    on_queue(queue, move |q| q.show(&owned))
+        .await?
         .ok_or_else(|| not_found(format!("no queued message {id}")))
 }
 
 async fn show_queued(State(s): State<AdminState>, UrlPath(id): UrlPath<String>) -> ApiResult {
-    Ok(Json(queue_json(&queued(&s.store, &id)?)))
+    Ok(Json(queue_json(&queued(&s.queue, &id).await?)))
 }
 
+/// Due now, and no longer held: an operator's word that the problem is fixed.
 async fn retry_queued(State(s): State<AdminState>, UrlPath(id): UrlPath<String>) -> ApiResult {
-    let mut m = queued(&s.store, &id)?;
-    m.next_attempt = Utc::now();
-    s.store.update_queued(&m)?;
-    s.queue.wake(id);
+    let mut m = queued(&s.queue, &id).await?;
+    m.state.next_attempt = Utc::now();
+    m.state.held = false;
+    let (owned, state) = (id.clone(), m.state.clone());
+    on_queue(&s.queue, move |q| q.save_state(&owned, &state)).await?;
+    s.scheduler.retry(id);
     Ok(Json(queue_json(&m)))
 }
 
 async fn delete_queued(State(s): State<AdminState>, UrlPath(id): UrlPath<String>) -> ApiResult {
-    s.store.dequeue(&id)?;
+    let owned = id.clone();
+    if !on_queue(&s.queue, move |q| q.remove(&owned)).await? {
+        return Err(not_found(format!("no queued message {id}")));
+    }
+    s.scheduler.forget(id.clone());
     tracing::info!(event = "queue_deleted", id = %id, "admin");
     Ok(Json(json!({ "deleted": id })))
 }

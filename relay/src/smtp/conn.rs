@@ -18,7 +18,10 @@ use super::{
     reply::{self, Reply},
     session::{Action, Listener, Session, SessionConfig},
 };
-use crate::{policy::SenderPolicy, spool::Spool};
+use crate::{
+    policy::SenderPolicy,
+    spool::{IncomingMessage, Spool, SpoolError},
+};
 
 /// What every connection shares.
 pub struct ConnContext {
@@ -220,7 +223,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     return close(io, &mut out, reply::shutting_down(&ctx.session.hostname)).await;
                 }
                 let deadline =
-                    *line_deadline.get_or_insert_with(|| Instant::now() + ctx.idle_timeout);
+                    *line_deadline.get_or_insert_with(|| deadline_after(ctx.idle_timeout));
                 tokio::select! {
                     read = tokio::time::timeout_at(deadline, input.fill(io)) => match read {
                         Ok(Ok(0)) => return Ok(Outcome::Closed),
@@ -273,9 +276,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Reads the message up to CRLF.CRLF within the DATA deadline, then checks
-/// and queues it. `None`: the client went away (or timed out) mid-DATA, and
-/// nothing was queued.
+/// Reads the message up to CRLF.CRLF within the DATA deadline, streaming it
+/// to its queue file, then checks it and commits it. `None`: the client went
+/// away (or timed out) mid-DATA, and nothing was queued.
 async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     input: &mut InputBuffer,
@@ -283,24 +286,58 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &ConnContext,
 ) -> std::io::Result<Option<Reply>> {
     let mut decoder = DataDecoder::new(ctx.session.max_message_size);
-    let deadline = Instant::now() + ctx.data_timeout;
+    let start = session.message_start();
+    let mut message = match start.map(|start| {
+        ctx.spool.incoming(
+            start,
+            crate::spool::new_queue_id(),
+            &ctx.session.hostname,
+            session.peer,
+        )
+    }) {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            tracing::error!(event = "message_not_queued", error = %e, "cannot start a queue file");
+            None
+        }
+        None => None,
+    };
+    let deadline = deadline_after(ctx.data_timeout);
+    let mut decoded = Vec::with_capacity(16 * 1024);
     loop {
         let pending = input.pending();
         if !pending.is_empty() {
             let fed = pending.len();
-            match decoder.feed(pending) {
+            let end = decoder.feed(pending, &mut decoded);
+            if let Some(m) = message.as_mut() {
+                m.push(&decoded);
+            }
+            decoded.clear();
+            match end {
                 Some(used) => {
                     input.consume(used);
                     break;
                 }
                 None => input.consume(fed),
             }
+            if let Some(m) = message.as_mut()
+                && m.wants_spill()
+            {
+                m.spill().await;
+            }
         }
         match tokio::time::timeout_at(deadline, input.fill(io)).await {
-            Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(0)) => {
+                discard(message).await;
+                return Ok(None);
+            }
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => {
+                discard(message).await;
+                return Err(e);
+            }
             Err(_) => {
+                discard(message).await;
                 let mut out = Vec::new();
                 reply::idle_timeout(&ctx.session.hostname).write_to(&mut out);
                 let _ = io.write_all(&out).await;
@@ -309,44 +346,66 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let size = decoder.size();
-    let queue_id = crate::spool::new_queue_id();
-    let accepted = match session.data_received(decoder.finish(), queue_id) {
-        Ok(accepted) => accepted,
-        Err(reply) => {
-            tracing::info!(
-                event = "message_refused",
-                peer = %session.peer,
-                login = %session.login().map(|l| l.address.as_str()).unwrap_or(""),
-                size,
-                reply = %reply,
-                "message refused"
-            );
-            return Ok(Some(reply));
-        }
+    let Some(mut message) = message else {
+        // The queue file could not even be started (or no transaction): the
+        // transaction ends here, with a temporary error.
+        let _ = session.data_received(decoder.finish(), None);
+        return Ok(Some(reply::storage_error()));
     };
-    let (id, from, rcpts, login) = (
-        accepted.queue_id.clone(),
-        accepted.envelope.from.clone(),
-        accepted.envelope.recipients.len(),
-        accepted.login.clone(),
-    );
-    match ctx.spool.accept(accepted).await {
+    let verdict = session.data_received(decoder.finish(), message.headers());
+    let login = session
+        .login()
+        .map(|l| l.address.clone())
+        .unwrap_or_default();
+    if let Err(reply) = verdict {
+        tracing::info!(
+            event = "message_refused",
+            peer = %session.peer,
+            login = %login,
+            size,
+            reply = %reply,
+            "message refused"
+        );
+        message.discard().await;
+        return Ok(Some(reply));
+    }
+    let id = message.queue_id().to_string();
+    let (from, recipients) = (message.from().to_string(), message.recipients().len());
+    match ctx.spool.commit(message).await {
         Ok(()) => {
             tracing::info!(
                 event = "message_accepted",
                 id = %id,
                 login = %login,
                 from = %from,
-                recipients = rcpts,
+                recipients,
                 size,
                 "queued"
             );
             Ok(Some(reply::queued(&id)))
         }
         Err(e) => {
-            tracing::error!(event = "message_not_queued", error = %e, "cannot store message");
-            Ok(Some(reply::storage_error()))
+            tracing::error!(event = "message_not_queued", id = %id, error = %e, "cannot store message");
+            Ok(Some(match e {
+                SpoolError::DiskFull(_) => reply::storage_full(),
+                SpoolError::Failed(_) => reply::storage_error(),
+            }))
         }
+    }
+}
+
+/// `now + d`, saturating: the config bounds durations, but the clock must never
+/// panic on what a config file says.
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+async fn discard(message: Option<IncomingMessage>) {
+    if let Some(m) = message {
+        m.discard().await;
     }
 }
 

@@ -1,4 +1,6 @@
-//! The DATA phase decoder, sans-IO: bytes in, an un-stuffed message out.
+//! The DATA phase decoder, sans-IO: bytes in, un-stuffed message bytes out. It keeps no
+//! message: decoded bytes go into the caller's buffer, which the caller streams to the
+//! queue file, so memory stays bounded whatever the message size.
 //!
 //! Why not smtp-proto's `DataReceiver`: it does not flag bare CR / bare LF,
 //! and that flag is our SMTP-smuggling defence (RFC 5321 §2.3.8: CR and LF
@@ -8,10 +10,13 @@
 //! - a leading dot is removed from every line (RFC 5321 §4.5.2);
 //! - a bare CR or LF anywhere marks the message as refused, but does not end
 //!   it: we keep reading to the real terminator so the stream stays in sync;
-//! - past `max_size` bytes the content is dropped (memory stays bounded) and
-//!   the message is marked too big, again reading on to the terminator.
+//! - a NUL byte anywhere marks the message as refused (RFC 6152 and RFC 5321
+//!   §4.5.2 allow none, and `<CRLF>NUL.<CRLF>` ends the message for some
+//!   upstreams: another smuggling vector);
+//! - past `max_size` bytes no more content is handed out and the message is
+//!   marked too big, again reading on to the terminator.
 
-use memchr::memchr2;
+use memchr::{memchr, memchr2};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -27,20 +32,22 @@ enum State {
     DotCr,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataOutcome {
-    /// The message, with canonical CRLF line endings, un-stuffed.
-    Complete(Vec<u8>),
+    /// Every byte handed out is the message, with canonical CRLF line
+    /// endings, un-stuffed.
+    Complete,
     TooBig,
     BareLineEnding,
+    Nul,
 }
 
 pub struct DataDecoder {
     state: State,
-    body: Vec<u8>,
     size: usize,
     max_size: usize,
     bare: bool,
+    nul: bool,
     too_big: bool,
 }
 
@@ -48,18 +55,19 @@ impl DataDecoder {
     pub fn new(max_size: usize) -> DataDecoder {
         DataDecoder {
             state: State::LineStart,
-            body: Vec::with_capacity(max_size.min(64 * 1024)),
             size: 0,
             max_size,
             bare: false,
+            nul: false,
             too_big: false,
         }
     }
 
-    /// Feeds bytes; returns how many were consumed when the terminator was
-    /// reached (the rest belongs to the next command: pipelining), or `None`
-    /// when everything was consumed and more is needed.
-    pub fn feed(&mut self, input: &[u8]) -> Option<usize> {
+    /// Feeds bytes, appending the decoded content to `out`; returns how many
+    /// input bytes were consumed when the terminator was reached (the rest
+    /// belongs to the next command: pipelining), or `None` when everything
+    /// was consumed and more is needed.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         let mut i = 0;
         while i < input.len() {
             match self.state {
@@ -68,17 +76,17 @@ impl DataDecoder {
                     let rest = &input[i..];
                     match memchr2(b'\r', b'\n', rest) {
                         None => {
-                            self.push(rest);
+                            self.push(out, rest);
                             return None;
                         }
                         Some(pos) => {
-                            self.push(&rest[..pos]);
+                            self.push(out, &rest[..pos]);
                             i += pos;
                             if rest[pos] == b'\r' {
                                 self.state = State::Cr;
                             } else {
                                 self.bare = true;
-                                self.push(b"\n");
+                                self.push(out, b"\n");
                             }
                             i += 1;
                         }
@@ -95,12 +103,12 @@ impl DataDecoder {
                 }
                 State::Cr => {
                     if input[i] == b'\n' {
-                        self.push(b"\r\n");
+                        self.push(out, b"\r\n");
                         self.state = State::LineStart;
                         i += 1;
                     } else {
                         self.bare = true;
-                        self.push(b"\r");
+                        self.push(out, b"\r");
                         self.state = State::InLine;
                     }
                 }
@@ -120,7 +128,7 @@ impl DataDecoder {
                     // `.CR` then something else: a bare CR on a line that
                     // began with a (stuffed) dot.
                     self.bare = true;
-                    self.push(b"\r");
+                    self.push(out, b"\r");
                     self.state = State::InLine;
                 }
             }
@@ -128,17 +136,19 @@ impl DataDecoder {
         None
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    fn push(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
         self.size += bytes.len();
+        if !self.nul && memchr(0, bytes).is_some() {
+            self.nul = true;
+        }
         if self.too_big {
             return;
         }
         if self.size > self.max_size {
             self.too_big = true;
-            self.body = Vec::new();
             return;
         }
-        self.body.extend_from_slice(bytes);
+        out.extend_from_slice(bytes);
     }
 
     /// Bytes of message content seen so far (also past the limit).
@@ -146,13 +156,15 @@ impl DataDecoder {
         self.size
     }
 
-    pub fn finish(self) -> DataOutcome {
+    pub fn finish(&self) -> DataOutcome {
         if self.too_big {
             DataOutcome::TooBig
         } else if self.bare {
             DataOutcome::BareLineEnding
+        } else if self.nul {
+            DataOutcome::Nul
         } else {
-            DataOutcome::Complete(self.body)
+            DataOutcome::Complete
         }
     }
 }
@@ -161,75 +173,87 @@ impl DataDecoder {
 mod tests {
     use super::*;
 
-    fn decode(input: &[u8], max: usize) -> (Option<usize>, DataOutcome) {
+    /// The outcome with the decoded message (empty unless complete).
+    fn decode(input: &[u8], max: usize) -> (Option<usize>, DataOutcome, Vec<u8>) {
         let mut d = DataDecoder::new(max);
-        let n = d.feed(input);
-        (n, d.finish())
+        let mut out = Vec::new();
+        let n = d.feed(input, &mut out);
+        (n, d.finish(), out)
     }
 
     /// Feeds one byte at a time: the state machine must not depend on how
     /// the network splits the stream.
-    fn decode_bytewise(input: &[u8], max: usize) -> (Option<usize>, DataOutcome) {
+    fn decode_bytewise(input: &[u8], max: usize) -> (Option<usize>, DataOutcome, Vec<u8>) {
         let mut d = DataDecoder::new(max);
+        let mut out = Vec::new();
         for (i, b) in input.iter().enumerate() {
-            if d.feed(std::slice::from_ref(b)).is_some() {
-                return (Some(i + 1), d.finish());
+            if d.feed(std::slice::from_ref(b), &mut out).is_some() {
+                return (Some(i + 1), d.finish(), out);
             }
         }
-        (None, d.finish())
+        (None, d.finish(), out)
     }
 
     #[test]
     fn table() {
         use DataOutcome::*;
-        let ok = |s: &str| Complete(s.as_bytes().to_vec());
-        let cases: Vec<(&[u8], Option<usize>, DataOutcome)> = vec![
-            (b".\r\n", Some(3), ok("")),
-            (b"a\r\n.\r\n", Some(6), ok("a\r\n")),
-            (b"a\r\n.\r\nMAIL", Some(6), ok("a\r\n")),
-            (b"..a\r\n.\r\n", Some(8), ok(".a\r\n")),
-            (b"a\r\n..\r\n.\r\n", Some(10), ok("a\r\n.\r\n")),
-            (b"a\r\n.b\r\n.\r\n", Some(10), ok("a\r\nb\r\n")),
-            (b"a\r\n", None, ok("a\r\n")),
+        type Case = (&'static [u8], Option<usize>, DataOutcome, &'static [u8]);
+        let cases: Vec<Case> = vec![
+            (b".\r\n", Some(3), Complete, b""),
+            (b"a\r\n.\r\n", Some(6), Complete, b"a\r\n"),
+            (b"a\r\n.\r\nMAIL", Some(6), Complete, b"a\r\n"),
+            (b"..a\r\n.\r\n", Some(8), Complete, b".a\r\n"),
+            (b"a\r\n..\r\n.\r\n", Some(10), Complete, b"a\r\n.\r\n"),
+            (b"a\r\n.b\r\n.\r\n", Some(10), Complete, b"a\r\nb\r\n"),
+            (b"a\r\n", None, Complete, b"a\r\n"),
             // The smuggling probes: none of them ends the message, and each
             // marks it as carrying a bare line ending.
-            (b"a\n.\n", None, BareLineEnding),
-            (b"a\n.\r\n", None, BareLineEnding),
-            (b"a\r\n.\n", None, BareLineEnding),
-            (b"a\r.\r\n", None, BareLineEnding),
-            (b"a\r\n.\rb", None, BareLineEnding),
-            (b"a\n.\nMAIL FROM:<x>\r\n.\r\n", Some(22), BareLineEnding),
-            (b"a\rb\r\n.\r\n", Some(8), BareLineEnding),
-            (b"a\nb\r\n.\r\n", Some(8), BareLineEnding),
-            (b"012345678901234567890\r\n.\r\n", Some(26), TooBig),
+            (b"a\n.\n", None, BareLineEnding, b"a\n"),
+            (b"a\n.\r\n", None, BareLineEnding, b"a\n.\r\n"),
+            (b"a\r\n.\n", None, BareLineEnding, b"a\r\n\n"),
+            (b"a\r.\r\n", None, BareLineEnding, b"a\r.\r\n"),
+            (b"a\r\n.\rb", None, BareLineEnding, b"a\r\n\rb"),
+            (
+                b"a\n.\nMAIL FROM:<x>\r\n.\r\n",
+                Some(22),
+                BareLineEnding,
+                b"a\n",
+            ),
+            (b"a\rb\r\n.\r\n", Some(8), BareLineEnding, b"a\rb\r\n"),
+            (b"a\nb\r\n.\r\n", Some(8), BareLineEnding, b"a\nb\r\n"),
+            // NUL: `<CRLF>NUL.<CRLF>` ends the message for some upstreams.
+            (b"a\r\n\0.\r\nb\r\n.\r\n", Some(13), Nul, b""),
+            (b"a\0b\r\n.\r\n", Some(8), Nul, b""),
+            (b"\0\r\n.\r\n", Some(6), Nul, b""),
+            (b"012345678901234567890\r\n.\r\n", Some(26), TooBig, b""),
         ];
-        for (input, consumed, outcome) in cases {
+        for (input, consumed, outcome, message) in cases {
             let max = 20;
-            assert_eq!(
-                decode(input, max),
-                (consumed, outcome),
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-            let (c2, _) = decode_bytewise(input, max);
-            assert_eq!(
-                c2,
-                consumed,
-                "bytewise {:?}",
-                String::from_utf8_lossy(input)
-            );
+            let (c, o, out) = decode(input, max);
+            let what = String::from_utf8_lossy(input);
+            assert_eq!((c, &o), (consumed, &outcome), "{what:?}");
+            if o == Complete {
+                assert_eq!(out, message, "{what:?}");
+            }
+            let (c2, o2, out2) = decode_bytewise(input, max);
+            assert_eq!((c2, &o2), (consumed, &outcome), "bytewise {what:?}");
+            if o2 == Complete {
+                assert_eq!(out2, message, "bytewise {what:?}");
+            }
         }
     }
 
     #[test]
-    fn oversize_content_is_not_kept() {
+    fn oversize_content_is_not_handed_out() {
         let mut d = DataDecoder::new(100);
+        let mut out = Vec::new();
         let line = [b'x'; 1000];
         for _ in 0..100 {
-            assert_eq!(d.feed(&line), None);
+            assert_eq!(d.feed(&line, &mut out), None);
         }
-        assert!(d.body.capacity() <= 64 * 1024);
-        assert_eq!(d.feed(b"\r\n.\r\n"), Some(5));
+        assert!(out.len() <= 100);
+        assert_eq!(d.feed(b"\r\n.\r\n", &mut out), Some(5));
         assert_eq!(d.finish(), DataOutcome::TooBig);
+        assert_eq!(d.size(), 100_002);
     }
 }

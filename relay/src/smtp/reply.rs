@@ -241,6 +241,16 @@ pub fn bare_line_ending() -> Reply {
     )
 }
 
+pub fn nul_in_message() -> Reply {
+    // RFC 6152 / RFC 5321 §4.5.2: no NUL in 7bit or 8BITMIME content; some
+    // upstreams end DATA at `<CRLF>NUL.<CRLF>` (another smuggling vector).
+    Reply::new(550, "5.6.0 Message contains NUL characters, refused")
+}
+
+pub fn header_too_large() -> Reply {
+    Reply::new(552, "5.3.4 Message header exceeds fixed maximum size")
+}
+
 pub fn command_bare_line_ending() -> Reply {
     Reply::new(500, "5.5.2 Command line must end with CRLF")
 }
@@ -295,8 +305,14 @@ pub fn local_error() -> Reply {
     Reply::new(451, "4.3.0 Local error in processing, try again later")
 }
 
-pub fn storage_error() -> Reply {
+/// The disk is full: the client keeps the message and tries later.
+pub fn storage_full() -> Reply {
     Reply::new(452, "4.3.1 Insufficient system storage, try again later")
+}
+
+/// The message could not be stored for another reason (an I/O error).
+pub fn storage_error() -> Reply {
+    Reply::new(451, "4.3.0 Cannot store the message, try again later")
 }
 
 #[cfg(test)]

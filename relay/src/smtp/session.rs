@@ -35,16 +35,17 @@ pub struct Envelope {
     pub from: String,
     pub recipients: Vec<String>,
     pub smtputf8: bool,
+    /// `BODY=8BITMIME` (RFC 6152): declared again when the message goes upstream.
+    pub eight_bit: bool,
 }
 
-/// A message that passed every check, ready for the queue.
-#[derive(Debug)]
-pub struct Accepted {
+/// What the socket side needs to receive a message, taken at the 354.
+#[derive(Debug, Clone)]
+pub struct MessageStart {
     pub envelope: Envelope,
     pub login: String,
-    /// The message with the relay's trace and missing headers added.
-    pub message: Vec<u8>,
-    pub queue_id: String,
+    /// The client's EHLO name, printable (for the Received line).
+    pub helo: String,
 }
 
 /// What the socket side must do next.
@@ -367,7 +368,6 @@ impl Session {
         if smtputf8 && !self.config.smtputf8 {
             return Action::Reply(reply::smtputf8_unsupported());
         }
-        let _ = flags & MAIL_BODY_8BITMIME; // 8BITMIME is carried as is.
         let from = if address.is_empty() {
             // RFC 6409 §4.1 / SPEC §3: the null sender is accepted at MAIL;
             // its message still passes the header checks.
@@ -394,6 +394,7 @@ impl Session {
             from,
             recipients: Vec::new(),
             smtputf8,
+            eight_bit: flags & MAIL_BODY_8BITMIME != 0,
         });
         Action::Reply(reply::sender_ok())
     }
@@ -434,24 +435,44 @@ impl Session {
         }
     }
 
-    /// The DATA phase ended at CRLF.CRLF. Returns the refusal, or the message
-    /// to queue (the caller answers `250 ... queued as` after the flush).
+    /// The envelope and login of the message about to be received (after
+    /// [`Action::ReceiveData`]).
+    pub fn message_start(&self) -> Option<MessageStart> {
+        let (Some(envelope), Some(login)) = (&self.envelope, &self.login) else {
+            return None;
+        };
+        Some(MessageStart {
+            envelope: envelope.clone(),
+            login: login.address.clone(),
+            helo: self.helo.clone().unwrap_or_else(|| "unknown".into()),
+        })
+    }
+
+    /// The DATA phase ended at CRLF.CRLF: the verdict on the message from the
+    /// decoder's outcome and its header block (`None`: the header block was
+    /// larger than the relay keeps). `Ok` means it may be queued; the caller
+    /// answers `250 ... queued as` once it is on disk. The transaction is
+    /// over either way.
     pub fn data_received(
         &mut self,
         outcome: DataOutcome,
-        queue_id: String,
-    ) -> Result<Accepted, Reply> {
+        headers: Option<&[u8]>,
+    ) -> Result<(), Reply> {
         let envelope = self.envelope.take();
-        let (Some(envelope), Some(login)) = (envelope, self.login.clone()) else {
+        let (Some(envelope), Some(login)) = (envelope, self.login.as_ref()) else {
             return Err(reply::need_mail());
         };
-        let body = match outcome {
+        match outcome {
             DataOutcome::TooBig => return Err(reply::message_too_big()),
             DataOutcome::BareLineEnding => return Err(reply::bare_line_ending()),
-            DataOutcome::Complete(body) => body,
+            DataOutcome::Nul => return Err(reply::nul_in_message()),
+            DataOutcome::Complete => {}
+        }
+        let Some(headers) = headers else {
+            return Err(reply::header_too_large());
         };
-        match cleanup::check_headers(&body, &login, self.policy.as_ref()) {
-            HeaderVerdict::Accept => {}
+        match cleanup::check_headers(headers, login, self.policy.as_ref()) {
+            HeaderVerdict::Accept => Ok(()),
             HeaderVerdict::Refuse { reply, reason } => {
                 tracing::info!(
                     event = "message_refused",
@@ -460,23 +481,9 @@ impl Session {
                     reason = %reason,
                     "message refused at end of DATA"
                 );
-                return Err(reply);
+                Err(reply)
             }
         }
-        let trace = cleanup::TraceInfo {
-            hostname: &self.config.hostname,
-            helo: self.helo.as_deref().unwrap_or("unknown"),
-            peer: self.peer,
-            queue_id: &queue_id,
-            recipients: &envelope.recipients,
-        };
-        let message = cleanup::add_headers(&body, &trace);
-        Ok(Accepted {
-            envelope,
-            login: login.address,
-            message,
-            queue_id,
-        })
     }
 }
 
@@ -782,29 +789,44 @@ mod tests {
             assert_eq!(code(&send(&mut s, "DATA")), 354);
             s
         };
-        let body = |t: &str| DataOutcome::Complete(t.as_bytes().to_vec());
-        let cases = [
-            (DataOutcome::TooBig, Some(552)),
-            (DataOutcome::BareLineEnding, Some(550)),
-            (body("Subject: x\r\n\r\nhi\r\n"), Some(550)),
-            (body("From: other@acme.test\r\n\r\nhi\r\n"), Some(550)),
+        let ok = DataOutcome::Complete;
+        let cases: [(DataOutcome, Option<&str>, Option<u16>); 10] = [
             (
-                body("From: info@acme.test\r\nSender: other@acme.test\r\n\r\nhi\r\n"),
+                DataOutcome::TooBig,
+                Some("From: info@acme.test\r\n\r\n"),
+                Some(552),
+            ),
+            (
+                DataOutcome::BareLineEnding,
+                Some("From: info@acme.test\r\n\r\n"),
                 Some(550),
             ),
-            (body("From: Info <info@acme.test>\r\n\r\nhi\r\n"), None),
-            (body("From: alias@ext.test\r\n\r\nhi\r\n"), None),
+            (
+                DataOutcome::Nul,
+                Some("From: info@acme.test\r\n\r\n"),
+                Some(550),
+            ),
+            (ok, None, Some(552)),
+            (ok, Some("Subject: x\r\n\r\n"), Some(550)),
+            (ok, Some("From: other@acme.test\r\n\r\n"), Some(550)),
+            (
+                ok,
+                Some("From: info@acme.test\r\nSender: other@acme.test\r\n\r\n"),
+                Some(550),
+            ),
+            (ok, Some("From: Info <info@acme.test>\r\n\r\n"), None),
+            (ok, Some("From: alias@ext.test\r\n\r\n"), None),
+            (ok, Some("From: info@acme.test\r\n"), None),
         ];
-        for (outcome, expect) in cases {
+        for (outcome, headers, expect) in cases {
             let mut s = ready();
-            let label = format!("{outcome:?}");
-            let result = s.data_received(outcome, "QID".into());
+            let label = format!("{outcome:?} {headers:?}");
+            let start = s.message_start().expect("in a transaction");
+            assert_eq!(start.envelope.recipients, ["a@b.test"]);
+            assert_eq!(start.login, "info@acme.test");
+            let result = s.data_received(outcome, headers.map(str::as_bytes));
             match (result, expect) {
-                (Ok(accepted), None) => {
-                    let text = String::from_utf8(accepted.message).unwrap();
-                    assert!(text.starts_with("Received: from c"), "{text}");
-                    assert!(text.contains("with ESMTPSA id QID"), "{text}");
-                }
+                (Ok(()), None) => {}
                 (Err(reply), Some(code)) => assert_eq!(reply.code, code, "{label}: {reply}"),
                 (other, _) => panic!("{label}: unexpected {other:?}"),
             }
