@@ -74,7 +74,7 @@ fn send_in(c: &mut RawClient, id: &str, size: usize) -> Option<String> {
         ("DATA".to_string(), "354"),
     ] {
         if !c.try_send(format!("{cmd}\r\n").as_bytes()) {
-            return None;
+            return c.read_reply();
         }
         let reply = c.read_reply()?;
         if !reply.starts_with(want) {
@@ -84,7 +84,8 @@ fn send_in(c: &mut RawClient, id: &str, size: usize) -> Option<String> {
         }
     }
     if !c.try_send(format!("{}.\r\n", message(id, size)).as_bytes()) {
-        return None;
+        // Closed mid-message: a refusal sent before closing still counts.
+        return c.read_reply();
     }
     c.read_reply()
 }
