@@ -27,13 +27,10 @@ use std::{
 
 use super::{BIN, Relay, RelayConfig, SinkMessage, port_open, send_signal};
 
-/// The harness's configuration without keys the fault-aware relay no longer
-/// knows (`upstream.timeout` was split into per-phase timeouts).
+/// The configuration every fault test starts from: the harness's defaults
+/// (one place to change should the fault tests need other ones).
 pub fn fault_config(upstream_port: u16) -> RelayConfig {
-    let mut c = RelayConfig::new(upstream_port);
-    c.values
-        .remove(&("upstream".to_string(), "timeout".to_string()));
-    c
+    RelayConfig::new(upstream_port)
 }
 
 // ---------------------------------------------------------------- tmpfs
