@@ -632,6 +632,7 @@ fn serve_scripted(stream: TcpStream, connection: usize, script: &Script) {
                     got.push(Received {
                         message: SinkMessage {
                             mail_from: from.clone(),
+                            mail_options: Vec::new(),
                             rcpt_tos: rcpts.clone(),
                             data,
                         },

@@ -53,6 +53,8 @@ fn port_open(port: u16) -> bool {
 #[derive(Debug, Clone)]
 pub struct SinkMessage {
     pub mail_from: String,
+    /// The MAIL FROM parameters the relay sent (`BODY=8BITMIME`, `SMTPUTF8`).
+    pub mail_options: Vec<String>,
     pub rcpt_tos: Vec<String>,
     /// Byte-exact content as sent by the relay (CRLF line endings).
     pub data: Vec<u8>,
@@ -151,6 +153,12 @@ impl Sink {
                     serde_json::from_slice(&std::fs::read(p).expect("read message")).expect("json");
                 SinkMessage {
                     mail_from: v["mail_from"].as_str().unwrap_or_default().to_string(),
+                    mail_options: v["mail_options"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| o.as_str().map(str::to_string))
+                        .collect(),
                     rcpt_tos: v["rcpt_tos"]
                         .as_array()
                         .into_iter()

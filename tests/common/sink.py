@@ -41,6 +41,7 @@ class Store:
             n = self.count
         record = {
             "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
             "data_b64": base64.b64encode(envelope.original_content).decode("ascii"),
         }
