@@ -218,7 +218,11 @@ impl RelayConfig {
             values: BTreeMap::new(),
         };
         let submission = free_port();
-        let submissions = free_port();
+        let mut submissions = free_port();
+        // The kernel may hand out the port just released again.
+        while submissions == submission {
+            submissions = free_port();
+        }
         c.set("server", "hostname", "\"relay.test\"")
             .set("server", "data_dir", "\"data\"")
             .set(
