@@ -125,15 +125,37 @@ fn tls_from(src: Ipv4Addr, port: u16, cert: &Path) -> RawClient {
     c
 }
 
-/// Reads until EOF (bounded by the read timeout and a reply count);
-/// true when the connection was closed.
-fn drain_to_eof(c: &mut RawClient) -> bool {
+/// Reads replies until the server closes the connection; fails when it
+/// does not (a read timeout, or more replies than the junk could cause).
+#[track_caller]
+fn drain_to_eof(c: &mut RawClient, what: &str) {
     for _ in 0..10_000 {
-        if c.read_reply().is_none() {
-            return true;
+        match c.poll_reply() {
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(()) => panic!(
+                "{what}: the connection is still open: no close and no reply within the \
+                 read timeout"
+            ),
         }
     }
-    false
+    panic!("{what}: 10,000 replies and still no close");
+}
+
+/// A bare TCP connection the server must have closed: the read sees EOF or
+/// a reset. A read timeout (silent but open) fails.
+#[track_caller]
+fn assert_tcp_closed(t: &mut TcpStream, what: &str) {
+    let mut b = [0u8; 64];
+    match t.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        Err(e) => panic!("{what}: the connection is still open (read timed out: {e})"),
+        Ok(n) => panic!(
+            "{what}: not closed; the server sent {:?}",
+            String::from_utf8_lossy(&b[..n])
+        ),
+    }
 }
 
 fn expect(reply: Option<String>, prefix: &str) -> String {
@@ -291,12 +313,12 @@ fn idle_client_is_closed_with_421() {
     // Nothing sent: the relay gives up (the client's read timeout, 15 s,
     // bounds the wait).
     expect(c.read_reply(), "421 4.4.2");
-    assert!(c.closed());
+    c.assert_closed("idle before EHLO, after the 421");
 
     // Also between commands of a TLS session.
     let mut c = RawClient::login(relay.submission, &cert(&relay), USER, PASS);
     expect(c.read_reply(), "421 4.4.2");
-    assert!(c.closed());
+    c.assert_closed("idle in a TLS session, after the 421");
 }
 
 #[test]
@@ -312,7 +334,7 @@ fn data_timeout_ends_a_stalled_message_and_queues_nothing() {
     expect(c.read_reply(), "354");
     c.send(b"From: info@acme.test\r\n\r\nhalf a mess");
     expect(c.read_reply(), "421 4.4.2");
-    assert!(c.closed());
+    c.assert_closed("stalled DATA, after the 421");
     normal_send(&relay, "after@example.org");
     let got = sink.wait_for(1, WAIT);
     wait_queue_empty(&relay, WAIT);
@@ -337,7 +359,7 @@ fn too_many_errors_close_the_session() {
     c.send(b"NOOP\n"); // a bare LF line counts
     expect(c.read_reply(), "500");
     expect(Some(c.cmd("BAR")), "421 4.7.0");
-    assert!(c.closed());
+    c.assert_closed("too many errors, after the 421");
 }
 
 #[test]
@@ -356,13 +378,12 @@ fn connection_limits_refuse_with_421_at_accept() {
         .collect();
     let mut sixth = RawClient::connect(relay.submission, &cert);
     expect(sixth.read_reply(), "421 4.7.0");
-    assert!(sixth.closed());
+    sixth.assert_closed("the sixth connection, after the 421");
     // On the implicit TLS port the refusal is a plain close.
     let mut tls = TcpStream::connect(("127.0.0.1", relay.submissions)).expect("connect");
     tls.set_read_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
-    let mut b = [0u8; 16];
-    assert!(matches!(tls.read(&mut b), Ok(0) | Err(_)), "closed at once");
+    assert_tcp_closed(&mut tls, "the sixth connection on the implicit TLS port");
 
     // A slot given back is usable again.
     expect(Some(held[0].cmd("QUIT")), "221");
@@ -398,7 +419,7 @@ fn per_ip_connection_limit() {
         .collect();
     let mut third = RawClient::connect_from(one, relay.submission, &cert(&relay));
     expect(third.read_reply(), "421 4.7.0");
-    assert!(third.read_reply().is_none());
+    third.assert_closed("the third connection from one IP, after the 421");
     // Another client address is not affected.
     let mut other = RawClient::connect_from(two, relay.submission, &cert(&relay));
     expect(other.read_reply(), "220");
@@ -600,8 +621,7 @@ fn random_binary_after_connect() {
             }
         }
         // It answers errors and/or closes; it does not hang on to us.
-        let mut c2 = c;
-        assert!(drain_to_eof(&mut c2), "the relay closes a junk connection");
+        drain_to_eof(&mut c, &format!("junk on port {port}"));
         assert!(
             relay_alive(&relay),
             "the relay survived junk on port {port}"
@@ -609,6 +629,9 @@ fn random_binary_after_connect() {
     }
     normal_send(&relay, "after-junk@example.org");
     sink.wait_for(1, WAIT);
+    wait_queue_empty(&relay, WAIT);
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "nothing but the normal message: {got:?}");
 }
 
 #[test]
@@ -752,13 +775,8 @@ fn abandoned_tls_handshakes_are_closed() {
         .assert_code(0);
 
     // Both half-open handshakes get closed (bounded by the 15 s read timeout).
-    let mut b = [0u8; 64];
-    match implicit.read(&mut b) {
-        Ok(0) => {}
-        Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-        other => panic!("implicit TLS half handshake not closed: {other:?}"),
-    }
-    assert!(starttls.closed(), "STARTTLS half handshake not closed");
+    assert_tcp_closed(&mut implicit, "implicit TLS half handshake");
+    starttls.assert_closed("STARTTLS half handshake");
     sink.wait_for(2, WAIT);
 }
 
@@ -819,10 +837,14 @@ fn sigterm_during_data_lets_the_message_finish() {
     c.send(b"second half\r\n.\r\n");
     let queued = expect(c.read_reply(), "250 2.0.0 Ok: queued as ");
     // Then the session is closed (421 shutting down, or just EOF).
-    if let Some(r) = c.read_reply() {
-        assert!(r.starts_with("421"), "{r}");
+    match c.poll_reply() {
+        Ok(Some(r)) => {
+            assert!(r.starts_with("421"), "{r}");
+            c.assert_closed("after SIGTERM and the 421");
+        }
+        Ok(None) => {}
+        Err(()) => panic!("after SIGTERM the session is neither answered nor closed"),
     }
-    assert!(c.closed());
     assert_eq!(
         relay.stop(),
         Some(0),

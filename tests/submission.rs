@@ -36,8 +36,12 @@ fn own_address_is_relayed_and_others_are_refused() {
             "553 5.7.1 <other@acme.test>: Sender address rejected: not owned by user info@acme.test",
         );
 
-    let got = sink.wait_for(1, WAIT);
-    assert_eq!(got.len(), 1, "only the allowed message is relayed");
+    sink.wait_for(1, WAIT);
+    // Count once the queue is empty: a wrongly accepted message has then
+    // arrived too.
+    relay.wait_queue_empty(WAIT);
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "only the allowed message is relayed: {got:?}");
     let m = &got[0];
     assert_eq!(m.mail_from, "info@acme.test");
     assert_eq!(m.rcpt_tos, vec!["someone@example.org"]);
@@ -54,7 +58,7 @@ fn implicit_tls_port_relays_too() {
     let sink = Sink::start();
     let relay = Relay::start(sink.port);
     relay.add_mailbox("acme", "info@acme.test", "secret");
-    relay
+    let sent = relay
         .swaks_implicit()
         .arg("--auth")
         .arg("LOGIN")
@@ -64,9 +68,36 @@ fn implicit_tls_port_relays_too() {
         .arg("secret")
         .from("info@acme.test")
         .to("someone@example.org")
-        .run()
-        .assert_code(0);
+        .header("Message-Id: <implicit.1@acme.test>")
+        .arg("--body")
+        .arg("implicit-tls-marker-7f3a")
+        .run();
+    sent.assert_code(0)
+        .assert_contains("250 2.0.0 Ok: queued as ");
+    let id = sent.queue_id().expect("queue id");
     sink.wait_for(1, WAIT);
+    relay.wait_queue_empty(WAIT);
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let m = &got[0];
+    assert_eq!(m.mail_from, "info@acme.test");
+    assert_eq!(m.rcpt_tos, vec!["someone@example.org"]);
+    assert_eq!(m.header("From").as_deref(), Some("info@acme.test"));
+    assert_eq!(
+        m.header("Message-ID").as_deref(),
+        Some("<implicit.1@acme.test>")
+    );
+    assert!(
+        m.text().contains("\r\n\r\nimplicit-tls-marker-7f3a"),
+        "the body did not arrive: {:?}",
+        m.text()
+    );
+    // Received over the implicit TLS port by an authenticated client.
+    let received = m.header("Received").expect("Received header");
+    assert!(
+        received.contains("ESMTPSA") && received.contains(&id),
+        "{received}"
+    );
 }
 
 #[test]

@@ -227,7 +227,11 @@ impl RelayConfig {
             values: BTreeMap::new(),
         };
         let submission = free_port();
-        let submissions = free_port();
+        let mut submissions = free_port();
+        // The kernel may hand out the port just released again.
+        while submissions == submission {
+            submissions = free_port();
+        }
         c.set("server", "hostname", "\"relay.test\"")
             .set("server", "data_dir", "\"data\"")
             .set(
@@ -455,6 +459,28 @@ impl Relay {
             self.cli_ok(&["hosting", "add", hosting, "--domain", domain], "");
         }
         self.cli_ok(&["mailbox", "add", address], &format!("{password}\n"));
+    }
+
+    /// Waits until the relay's queue is empty (`queue list --json` is `[]`):
+    /// everything accepted was delivered or bounced. Count what the upstream
+    /// got only after this, so that a wrongly accepted message has had its
+    /// chance to arrive.
+    pub fn wait_queue_empty(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.cli(&["queue", "list", "--json"], "");
+            let list: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if list.as_array().is_some_and(|a| a.is_empty()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queue did not empty within {timeout:?}: {list}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// A swaks command aimed at the submission (STARTTLS) port.

@@ -136,13 +136,24 @@ impl RawClient {
     }
 
     /// Reads one complete reply (all lines of a multi-line reply), or None
-    /// when the connection closed first (or the read timed out).
+    /// when the server closed the connection first. A read timeout is no
+    /// close: it panics (the server neither answered nor hung up).
+    #[track_caller]
     pub fn read_reply(&mut self) -> Option<String> {
-        self.poll_reply().unwrap_or_default()
+        match self.poll_reply() {
+            Ok(reply) => reply,
+            Err(()) => panic!(
+                "no reply within the read timeout ({:?}) and the connection is still open; \
+                 unanswered bytes: {:?}",
+                self.tcp().read_timeout().ok().flatten(),
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
     }
 
-    /// `Ok(Some)`: a reply; `Ok(None)`: the connection is closed; `Err`: the
-    /// read timed out with no complete reply (the connection is still open).
+    /// `Ok(Some)`: a reply; `Ok(None)`: the connection is closed (EOF, or
+    /// reset by the server); `Err`: the read timed out with no complete
+    /// reply (the connection is still open).
     pub fn poll_reply(&mut self) -> Result<Option<String>, ()> {
         loop {
             if let Some(end) = reply_end(&self.buf) {
@@ -159,6 +170,9 @@ impl RawClient {
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     return Err(());
                 }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // Reset, aborted, EOF inside TLS (no close_notify), a fatal
+                // TLS alert: the server ended the connection.
                 Err(_) => return Ok(None),
             }
         }
@@ -183,9 +197,22 @@ impl RawClient {
             .unwrap_or_else(|| panic!("connection closed after {line:?}"))
     }
 
-    /// True when the server has closed the connection (reads EOF).
-    pub fn closed(&mut self) -> bool {
-        self.read_reply().is_none()
+    /// Asserts that the server has closed the connection: the next read
+    /// sees EOF (or a reset). A reply instead fails, and so does a read
+    /// timeout: a silent but open connection is not a closed one.
+    #[track_caller]
+    pub fn assert_closed(&mut self, what: &str) {
+        match self.poll_reply() {
+            Ok(None) => {}
+            Ok(Some(reply)) => {
+                panic!("{what}: expected the server to close the connection, got {reply:?}")
+            }
+            Err(()) => panic!(
+                "{what}: the connection is still open: no close and no reply within the read \
+                 timeout ({:?})",
+                self.tcp().read_timeout().ok().flatten()
+            ),
+        }
     }
 
     /// `STARTTLS`, expects 220, and continues inside TLS. Anything the
