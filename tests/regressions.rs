@@ -1,0 +1,61 @@
+//! Regressions, end to end: each test reproduces one reported bug against
+//! the real binary (raw bytes on the wire where the bug is in framing) and
+//! names the SPEC rule it broke.
+//!
+//! As in the other suites: loopback only, every wait bounded, no timing
+//! assertions, and each test has its own relay so they run in parallel.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{Relay, free_port, raw::RawClient};
+
+fn cert(relay: &Relay) -> PathBuf {
+    relay.dir.path().join("certs/test.crt")
+}
+
+/// A session on the implicit-TLS port, greeted and past EHLO, so AUTH is
+/// offered at once.
+fn tls_session(relay: &Relay) -> RawClient {
+    let mut c = RawClient::connect_tls(relay.submissions, &cert(relay));
+    let greeting = c.read_reply().expect("greeting");
+    assert!(greeting.starts_with("220"), "{greeting}");
+    c.ehlo();
+    c
+}
+
+// ------------------------------------------- SPEC §4: errors end AUTH
+
+/// SPEC §4: any error reply inside an AUTH exchange ends it. Before the fix
+/// a too-long line got `500` but left the exchange open, so the client's
+/// next command was decoded as its SASL response (its password).
+#[test]
+fn a_too_long_line_ends_the_auth_exchange() {
+    let relay = Relay::start(free_port());
+    let long = "A".repeat(5000);
+    // The lines that open the exchange, up to its first 334 challenge.
+    let cases: &[&[&str]] = &[
+        &["AUTH LOGIN"],
+        // User name sent: the next line would be taken as the password.
+        &["AUTH LOGIN", "aW5mb0BhY21lLnRlc3Q="],
+        &["AUTH PLAIN"],
+    ];
+    for opening in cases {
+        let mut c = tls_session(&relay);
+        for line in *opening {
+            let reply = c.cmd(line);
+            assert!(reply.starts_with("334"), "{opening:?}: {line}: {reply}");
+        }
+        let reply = c.cmd(&long);
+        assert!(reply.starts_with("500"), "{opening:?}: long line: {reply}");
+        // NOOP is valid base64: inside the exchange it would be a response.
+        let reply = c.cmd("NOOP");
+        assert!(
+            reply.starts_with("250"),
+            "{opening:?}: NOOP after the 500 must be a command: {reply}"
+        );
+        let reply = c.cmd("QUIT");
+        assert!(reply.starts_with("221"), "{opening:?}: {reply}");
+    }
+}
