@@ -59,3 +59,38 @@ fn a_too_long_line_ends_the_auth_exchange() {
         assert!(reply.starts_with("221"), "{opening:?}: {reply}");
     }
 }
+
+// --------------------------------------- SPEC §4: log lines are the relay's
+
+/// SPEC §4: no client can start a log line of its own. Before the fix the
+/// SASL user name went raw into the `login` field, and a CR LF in it wrote
+/// a forged `event=auth_success login=fake` line into the log.
+#[test]
+fn a_crlf_in_the_auth_user_name_cannot_forge_a_log_line() {
+    let relay = Relay::start(free_port());
+    let mut c = tls_session(&relay);
+    let reply = c.auth_plain("x\r\nevent=auth_success login=fake", "secret");
+    assert!(reply.starts_with("535"), "{reply}");
+    let reply = c.cmd("QUIT");
+    assert!(reply.starts_with("221"), "{reply}");
+
+    // The relay writes the auth_failure line before it answers 535.
+    let log = relay.log();
+    assert!(
+        log.contains("login=x\\r\\nevent=auth_success login=fake"),
+        "the user name is logged, escaped:\n{log}"
+    );
+    assert!(!log.contains('\r'), "a raw CR reached the log:\n{log:?}");
+    for line in log.lines() {
+        assert!(
+            !line.trim_start().starts_with("event="),
+            "a client-made log line: {line:?}\n{log}"
+        );
+        if line.contains("auth_success") {
+            assert!(
+                line.contains("event=\"auth_failure\""),
+                "auth_success appears outside the failure's escaped login: {line:?}"
+            );
+        }
+    }
+}

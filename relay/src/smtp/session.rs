@@ -15,6 +15,7 @@ use smtp_proto::{
 use super::{auth::SaslCredentials, data::DataOutcome, reply, reply::Reply};
 use crate::{
     cleanup::{self, HeaderVerdict},
+    logsafe::Escaped,
     policy::{Login, SenderPolicy},
 };
 
@@ -170,8 +171,8 @@ impl Session {
         self.count_errors(Action::Reply(reply))
     }
 
-    /// Every reply to a client line goes through here, so the two rules about error replies
-    /// live in one place:
+    /// Every reply to a client line goes through here, so the two rules
+    /// about error replies live in one place:
     /// - SPEC §4: any error reply ends an AUTH exchange in progress and the
     ///   next line is a command again. Otherwise a line refused by the
     ///   framing (too long, bare LF) would leave the exchange open, and the
@@ -391,11 +392,13 @@ impl Session {
             };
             let decision = self.policy.decide(login, &normalized);
             if !decision.allowed {
+                // The sender is the client's text (normalised, but the
+                // log does not rely on what normalisation lets through).
                 tracing::info!(
                     event = "sender_refused",
-                    login = %login.address,
-                    sender = %normalized,
-                    reason = %decision.reason,
+                    login = %Escaped(&login.address),
+                    sender = %Escaped(&normalized),
+                    reason = %Escaped(&decision.reason),
                     "MAIL FROM refused"
                 );
                 return Action::Reply(reply::sender_not_owned(&normalized, &login.address));
@@ -465,11 +468,12 @@ impl Session {
         match cleanup::check_headers(&body, &login, self.policy.as_ref()) {
             HeaderVerdict::Accept => {}
             HeaderVerdict::Refuse { reply, reason } => {
+                // The reason quotes header addresses: the client's text.
                 tracing::info!(
                     event = "message_refused",
-                    login = %login.address,
-                    from = %envelope.from,
-                    reason = %reason,
+                    login = %Escaped(&login.address),
+                    from = %Escaped(&envelope.from),
+                    reason = %Escaped(&reason),
                     "message refused at end of DATA"
                 );
                 return Err(reply);
