@@ -7,9 +7,14 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use common::{Relay, free_port, raw::RawClient};
+use common::{Relay, RelayConfig, free_port, raw::RawClient};
 
 fn cert(relay: &Relay) -> PathBuf {
     relay.dir.path().join("certs/test.crt")
@@ -92,5 +97,77 @@ fn a_crlf_in_the_auth_user_name_cannot_forge_a_log_line() {
                 "auth_success appears outside the failure's escaped login: {line:?}"
             );
         }
+    }
+}
+
+// ------------------------------------- SPEC §7: bad values stop start-up
+
+/// Runs `domauth serve` on `config` in a fresh directory and waits (bounded)
+/// for it to exit; `None` when it was still running (it accepted the
+/// config), else its exit code and stderr.
+fn serve_exit(config: &RelayConfig) -> Option<(Option<i32>, String)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config.render()).expect("write config");
+    let mut child = Command::new(common::BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start domauth");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for domauth") {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            return Some((status.code(), stderr));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SPEC §7: a bad configuration stops start-up with one line naming the
+/// key. Before the fix these values were accepted and panicked later:
+/// chrono's date arithmetic on the retry schedule, `Instant + timeout`, and
+/// tokio's `Semaphore::new` past `usize::MAX >> 3` permits.
+#[test]
+fn huge_config_values_stop_start_up_with_one_line_naming_the_key() {
+    let cases = [
+        ("queue", "retry_max", "\"500000000y\""),
+        ("limits", "idle_timeout", "\"18446744073709551615s\""),
+        ("limits", "max_connections", "2305843009213693952"),
+    ];
+    for (section, key, value) in cases {
+        let mut config = RelayConfig::new(free_port());
+        config.set(section, key, value);
+        let full_key = format!("{section}.{key}");
+        let Some((code, stderr)) = serve_exit(&config) else {
+            panic!("{full_key} = {value}: domauth started instead of refusing the config");
+        };
+        assert!(
+            !stderr.contains("panicked"),
+            "{full_key} = {value}: panic:\n{stderr}"
+        );
+        assert_eq!(
+            code,
+            Some(1),
+            "{full_key} = {value}: exit code; stderr:\n{stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{full_key} = {value}: one line:\n{stderr}");
+        assert!(
+            lines[0].contains(&format!("{full_key}: must be at most")),
+            "{full_key} = {value}: the line names the key: {stderr}"
+        );
     }
 }
