@@ -67,7 +67,7 @@ fn big_body(marker: &str, size: usize) -> Vec<u8> {
     let mut n = 0u64;
     while body.len() < size {
         n += 1;
-        if n % 100 == 0 {
+        if n.is_multiple_of(100) {
             body.extend_from_slice(format!(".dot line {n}\r\n").as_bytes());
         } else {
             body.extend_from_slice(

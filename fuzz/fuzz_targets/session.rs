@@ -16,22 +16,42 @@
 //! - after `tls_started()` no login survives;
 //! - a message is accepted only for a logged-in session, with recipients,
 //!   and what would be queued has canonical CRLF only;
-//! - no reply line contains CR or LF (no reply injection).
+//! - no reply line contains CR or LF (no reply injection);
+//! - no log field holds a raw control character (SPEC §4: no client can
+//!   start a log line of its own). A tracing layer checks every field of
+//!   every event the session logs, and every AUTH outcome is logged the way
+//!   `auth.rs` logs it (`auth::log_auth` with the client's user name).
 #![no_main]
 
-use std::sync::Arc;
+use std::{
+    fmt,
+    net::IpAddr,
+    sync::{Arc, Once},
+};
 
 use domauth::{
     policy::{Decision, Login, SenderPolicy},
     smtp::{
+        auth::{self, AuthEvent},
         data::DataDecoder,
         reply::{self, Reply},
         session::{Action, AuthResult, Listener, Session, SessionConfig},
     },
 };
 use libfuzzer_sys::fuzz_target;
+use tracing::{
+    Event, Subscriber,
+    field::{Field, Visit},
+    span::{Attributes, Id, Record},
+};
+use tracing_subscriber::{
+    layer::{Context, Layer, SubscriberExt},
+    registry::Registry,
+};
 
-/// The login owns its own address and anything at `ext.test`.
+/// The login owns its own address and anything at `ext.test`. The reason
+/// quotes the address, as the store's policy does, so client text reaches
+/// the `reason` log field too.
 struct Policy;
 
 impl SenderPolicy for Policy {
@@ -39,9 +59,62 @@ impl SenderPolicy for Policy {
         let allowed = address == login.address || address.ends_with("@ext.test");
         Decision {
             allowed,
-            reason: "fuzz".into(),
+            reason: format!("fuzz: {address}"),
         }
     }
+}
+
+/// Fails on a field value that would put a raw control character into a
+/// log line. Values are taken as a formatting subscriber writes them:
+/// `%x` fields (the usual way text is logged) and the message by Display,
+/// `?x` fields by Debug (which escapes strings itself); plain `&str` fields
+/// are checked raw, which is stricter than fmt's quoting.
+struct FieldCheck;
+
+impl FieldCheck {
+    fn check(field: &Field, text: &str) {
+        assert!(
+            !text.chars().any(char::is_control),
+            "log field `{}` holds a raw control character: {text:?}",
+            field.name()
+        );
+    }
+}
+
+impl Visit for FieldCheck {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        FieldCheck::check(field, &format!("{value:?}"));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        FieldCheck::check(field, value);
+    }
+}
+
+/// Runs [`FieldCheck`] on every event and span the relay records.
+struct NoControlInLog;
+
+impl<S: Subscriber> Layer<S> for NoControlInLog {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        event.record(&mut FieldCheck);
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
+        attrs.record(&mut FieldCheck);
+    }
+
+    fn on_record(&self, _: &Id, values: &Record<'_>, _: Context<'_, S>) {
+        values.record(&mut FieldCheck);
+    }
+}
+
+/// The checking layer, for the whole process; every level is enabled.
+fn install_log_check() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let subscriber = Registry::default().with(NoControlInLog);
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+    });
 }
 
 const MAX_SIZE: usize = 2048;
@@ -82,6 +155,7 @@ fn is_mail_command(line: &[u8]) -> bool {
 }
 
 fuzz_target!(|input: &[u8]| {
+    install_log_check();
     let Some((&options, mut rest)) = input.split_first() else {
         return;
     };
@@ -98,12 +172,8 @@ fuzz_target!(|input: &[u8]| {
         max_errors: 10,
         smtputf8: options & 4 != 0,
     };
-    let mut session = Session::new(
-        Arc::new(config),
-        Arc::new(Policy),
-        listener,
-        "192.0.2.1".parse().unwrap(),
-    );
+    let peer: IpAddr = IpAddr::from([192, 0, 2, 1]);
+    let mut session = Session::new(Arc::new(config), Arc::new(Policy), listener, peer);
     check_reply(&session.greeting());
     // The harness's own model of the login state.
     let mut logged_in = false;
@@ -133,6 +203,17 @@ fuzz_target!(|input: &[u8]| {
                 }
                 None => 0,
             };
+            // auth.rs logs every outcome but a store error under the
+            // client's user name (its login key): so does the harness.
+            let logged = match pick & 3 {
+                0 => Some(AuthEvent::Success { cached: false }),
+                1 => Some(AuthEvent::Failure { known_login: false }),
+                2 => Some(AuthEvent::RateLimited),
+                _ => None,
+            };
+            if let Some(event) = logged {
+                auth::log_auth(event, peer, &auth::login_key(&creds.login));
+            }
             let result = match pick & 3 {
                 0 => {
                     logged_in = true;

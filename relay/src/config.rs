@@ -248,6 +248,35 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// Upper bounds (SPEC §7: a bad configuration stops start-up with one line).
+/// A value past these is a typo or an attack on the operator, and would
+/// otherwise panic later: `Instant + Duration` and chrono's date arithmetic
+/// overflow on huge durations, and tokio's `Semaphore` panics past
+/// `usize::MAX >> 3` permits. The bounds leave room for any sane setting.
+pub mod max {
+    use std::time::Duration;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// A wait for the network or a client (command, DATA, DNS, shutdown).
+    pub const TIMEOUT: Duration = DAY;
+    /// Schedules: retries, lifetimes, expiry, re-check intervals, windows.
+    pub const SCHEDULE: Duration = Duration::from_secs(365 * 24 * 3600);
+    /// The pause after a failed AUTH holds the connection: a short one slows
+    /// guessing as well as a long one.
+    pub const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(60);
+    pub const CONNECTIONS: usize = 1_000_000;
+    pub const RECIPIENTS: usize = 100_000;
+    /// Far past any mail system's limit; it keeps sizes well inside every
+    /// integer they pass through.
+    pub const MESSAGE_SIZE: usize = 2 << 30;
+    pub const LINE_LENGTH: usize = 1 << 20;
+    pub const ERRORS: usize = 10_000;
+    pub const CONCURRENCY: usize = 10_000;
+    pub const DEAD_AFTER: usize = 1_000_000;
+    pub const AUTH_FAILURES: usize = 1_000_000;
+}
+
 impl Config {
     /// Reads and validates the file. The error is one line naming the key.
     pub fn load(path: &Path) -> Result<Config, String> {
@@ -287,18 +316,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        fn positive(key: &str, d: Dur) -> Result<(), String> {
-            if d.0.is_zero() {
-                return Err(format!("{key}: must be longer than zero"));
-            }
-            Ok(())
-        }
-        fn at_least(key: &str, value: usize, min: usize) -> Result<(), String> {
-            if value < min {
-                return Err(format!("{key}: must be at least {min}, got {value}"));
-            }
-            Ok(())
-        }
+        // The upper bounds come first: a huge value is reported under its
+        // own key, not as the other side of an ordering rule
+        // (retry_max >= retry_initial).
+        self.validate_upper_bounds()?;
         let s = &self.server;
         if s.hostname.trim().is_empty() || s.hostname.contains(char::is_whitespace) {
             return Err("server.hostname: must be a host name without spaces".into());
@@ -377,6 +398,91 @@ impl Config {
         Ok(())
     }
 
+    /// Every duration and count has a ceiling (see [`max`]). A new key gets
+    /// its line here.
+    fn validate_upper_bounds(&self) -> Result<(), String> {
+        let s = &self.server;
+        count_at_most(
+            "server.max_message_size",
+            s.max_message_size,
+            max::MESSAGE_SIZE,
+        )?;
+        count_at_most("server.max_recipients", s.max_recipients, max::RECIPIENTS)?;
+        at_most("server.shutdown_timeout", s.shutdown_timeout, max::TIMEOUT)?;
+        let u = &self.upstream;
+        for (key, d) in [
+            ("upstream.connect_timeout", u.connect_timeout),
+            ("upstream.greeting_timeout", u.greeting_timeout),
+            ("upstream.command_timeout", u.command_timeout),
+            ("upstream.data_timeout", u.data_timeout),
+            ("upstream.data_block_timeout", u.data_block_timeout),
+            ("upstream.final_timeout", u.final_timeout),
+        ] {
+            at_most(key, d, max::TIMEOUT)?;
+        }
+        at_most("dns.timeout", self.dns.timeout, max::TIMEOUT)?;
+        let v = &self.verification;
+        at_most(
+            "verification.check_interval",
+            v.check_interval,
+            max::SCHEDULE,
+        )?;
+        at_most(
+            "verification.pending_expiry",
+            v.pending_expiry,
+            max::SCHEDULE,
+        )?;
+        at_most(
+            "verification.recheck_interval",
+            v.recheck_interval,
+            max::SCHEDULE,
+        )?;
+        at_most("verification.grace", v.grace, max::SCHEDULE)?;
+        count_at_most("verification.concurrency", v.concurrency, max::CONCURRENCY)?;
+        let q = &self.queue;
+        at_most("queue.retry_initial", q.retry_initial, max::SCHEDULE)?;
+        at_most("queue.retry_max", q.retry_max, max::SCHEDULE)?;
+        at_most("queue.max_lifetime", q.max_lifetime, max::SCHEDULE)?;
+        count_at_most("queue.concurrency", q.concurrency, max::CONCURRENCY)?;
+        count_at_most(
+            "queue.dead_after",
+            usize::try_from(q.dead_after).unwrap_or(usize::MAX),
+            max::DEAD_AFTER,
+        )?;
+        at_most("queue.probe_interval", q.probe_interval, max::SCHEDULE)?;
+        let l = &self.limits;
+        count_at_most(
+            "limits.max_connections",
+            l.max_connections,
+            max::CONNECTIONS,
+        )?;
+        count_at_most(
+            "limits.max_connections_per_ip",
+            l.max_connections_per_ip,
+            max::CONNECTIONS,
+        )?;
+        at_most("limits.idle_timeout", l.idle_timeout, max::TIMEOUT)?;
+        at_most("limits.data_timeout", l.data_timeout, max::TIMEOUT)?;
+        count_at_most("limits.max_errors", l.max_errors, max::ERRORS)?;
+        count_at_most(
+            "limits.max_line_length",
+            l.max_line_length,
+            max::LINE_LENGTH,
+        )?;
+        count_at_most(
+            "limits.auth_failures",
+            l.auth_failures as usize,
+            max::AUTH_FAILURES,
+        )?;
+        at_most("limits.auth_window", l.auth_window, max::SCHEDULE)?;
+        at_most(
+            "limits.auth_failure_delay",
+            l.auth_failure_delay,
+            max::AUTH_FAILURE_DELAY,
+        )?;
+        Ok(())
+    }
+
     /// The upstream password, read from `password_file` (first line).
     pub fn upstream_password(&self) -> Result<Option<String>, String> {
         match &self.upstream.password_file {
@@ -392,6 +498,38 @@ impl Config {
             }
         }
     }
+}
+
+fn positive(key: &str, d: Dur) -> Result<(), String> {
+    if d.0.is_zero() {
+        return Err(format!("{key}: must be longer than zero"));
+    }
+    Ok(())
+}
+
+fn at_least(key: &str, value: usize, min: usize) -> Result<(), String> {
+    if value < min {
+        return Err(format!("{key}: must be at least {min}, got {value}"));
+    }
+    Ok(())
+}
+
+fn at_most(key: &str, d: Dur, max: Duration) -> Result<(), String> {
+    if d.0 > max {
+        return Err(format!(
+            "{key}: must be at most {}, got {}",
+            humantime::format_duration(max),
+            humantime::format_duration(d.0)
+        ));
+    }
+    Ok(())
+}
+
+fn count_at_most(key: &str, value: usize, max: usize) -> Result<(), String> {
+    if value > max {
+        return Err(format!("{key}: must be at most {max}, got {value}"));
+    }
+    Ok(())
 }
 
 /// toml's errors span several lines with a source excerpt; the contract is one
@@ -439,7 +577,8 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
-            ("[server\n", ""),
+            // A TOML syntax error has no key: it names the line instead.
+            ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.
             ("[server]\n\"host\\nname\" = \"x\"", "host name"),
             ("[server]\n\"host\\rname\" = \"x\"", "host name"),
@@ -455,6 +594,105 @@ mod tests {
                 "{text:?}: error must be one line: {err:?}"
             );
         }
+    }
+
+    /// Each value past its ceiling is refused with one line that starts with
+    /// its key (not the key of an ordering rule it also breaks).
+    #[test]
+    fn over_limit_values_name_their_key() {
+        let cases = [
+            ("server", "max_message_size", "2147483649"),
+            ("server", "max_recipients", "100001"),
+            ("server", "shutdown_timeout", "\"24h 1s\""),
+            ("upstream", "connect_timeout", "\"2days\""),
+            ("upstream", "greeting_timeout", "\"25h\""),
+            ("upstream", "command_timeout", "\"25h\""),
+            ("upstream", "data_timeout", "\"25h\""),
+            ("upstream", "data_block_timeout", "\"25h\""),
+            ("upstream", "final_timeout", "\"500000000y\""),
+            ("queue", "dead_after", "1000001"),
+            ("queue", "probe_interval", "\"366d\""),
+            ("dns", "timeout", "\"86401s\""),
+            ("verification", "check_interval", "\"366d\""),
+            ("verification", "pending_expiry", "\"500000000y\""),
+            ("verification", "recheck_interval", "\"366d\""),
+            ("verification", "grace", "\"18446744073709551615s\""),
+            ("verification", "concurrency", "10001"),
+            ("queue", "retry_initial", "\"366d\""),
+            ("queue", "retry_max", "\"500000000y\""),
+            ("queue", "max_lifetime", "\"365d 1s\""),
+            ("queue", "concurrency", "18446744073709551615"),
+            ("limits", "max_connections", "2305843009213693952"),
+            ("limits", "max_connections", "1000001"),
+            ("limits", "max_connections_per_ip", "1000001"),
+            ("limits", "idle_timeout", "\"25h\""),
+            ("limits", "data_timeout", "\"18446744073709551615s\""),
+            ("limits", "max_errors", "10001"),
+            ("limits", "max_line_length", "1048577"),
+            ("limits", "auth_failures", "1000001"),
+            ("limits", "auth_failures", "4294967295"),
+            ("limits", "auth_window", "\"366d\""),
+            ("limits", "auth_failure_delay", "\"61s\""),
+        ];
+        for (section, key, value) in cases {
+            let text = format!("[{section}]\n{key} = {value}\n");
+            let err = Config::parse(&text).expect_err(&text);
+            let prefix = format!("{section}.{key}: must be at most ");
+            assert!(
+                err.starts_with(&prefix),
+                "{text:?}: error {err:?} should start with {prefix:?}"
+            );
+            assert!(!err.contains('\n'), "{text:?}: one line: {err:?}");
+        }
+    }
+
+    /// The ceilings themselves are allowed, all at once.
+    #[test]
+    fn the_maxima_parse() {
+        let text = "
+            [server]
+            max_message_size = 2147483648
+            max_recipients = 100000
+            shutdown_timeout = \"24h\"
+            [upstream]
+            connect_timeout = \"1day\"
+            greeting_timeout = \"1day\"
+            command_timeout = \"1day\"
+            data_timeout = \"1day\"
+            data_block_timeout = \"1day\"
+            final_timeout = \"1day\"
+            [dns]
+            timeout = \"86400s\"
+            [verification]
+            check_interval = \"365d\"
+            pending_expiry = \"365days\"
+            recheck_interval = \"8760h\"
+            grace = \"365d\"
+            concurrency = 10000
+            [queue]
+            retry_initial = \"365d\"
+            retry_max = \"365d\"
+            max_lifetime = \"365d\"
+            concurrency = 10000
+            dead_after = 1000000
+            probe_interval = \"365d\"
+            [limits]
+            max_connections = 1000000
+            max_connections_per_ip = 1000000
+            idle_timeout = \"24h\"
+            data_timeout = \"24h\"
+            max_errors = 10000
+            max_line_length = 1048576
+            auth_failures = 1000000
+            auth_window = \"365d\"
+            auth_failure_delay = \"60s\"
+        ";
+        let c = Config::parse(text).expect("the maxima are valid");
+        assert_eq!(c.server.max_message_size, max::MESSAGE_SIZE);
+        assert_eq!(c.queue.retry_max.get(), max::SCHEDULE);
+        assert_eq!(c.limits.idle_timeout.get(), max::TIMEOUT);
+        assert_eq!(c.limits.max_connections, max::CONNECTIONS);
+        assert_eq!(c.limits.auth_failure_delay.get(), max::AUTH_FAILURE_DELAY);
     }
 
     #[test]

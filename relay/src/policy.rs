@@ -4,6 +4,8 @@
 
 use domauth_store::{DomainStatus, Store, domain_of, normalize_address};
 
+use crate::logsafe::Escaped;
+
 /// An authenticated mailbox and the hosting it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Login {
@@ -66,7 +68,8 @@ pub fn decide(store: &Store, login: &Login, address: &str) -> Decision {
         Ok(found) => found,
         Err(e) => {
             // Fail closed: a store error never authorises a sender.
-            tracing::error!(error = %e, "store error during sender check");
+            // The store's error may quote the address, the client's text.
+            tracing::error!(error = %Escaped(&e.to_string()), "store error during sender check");
             return Decision::refuse(format!("store error while checking {address}: {e}"));
         }
     };

@@ -36,6 +36,7 @@ use tokio::{
 use crate::{
     bounce::{self, FailedRecipient},
     cleanup::header_block,
+    logsafe::Escaped,
     spool::{MAX_HEADER, Spool, new_queue_id},
     upstream::{Attempt, Connection, RcptResult, Upstream},
 };
@@ -756,10 +757,10 @@ async fn attempt(
         tracing::info!(
             event = "delivery_attempt",
             id = %msg.envelope.id,
-            rcpt = %r.address,
+            rcpt = %Escaped(&r.address),
             attempt = msg.state.attempts,
             status = ?status,
-            reply = %text,
+            reply = %Escaped(&text),
             upstream = %shared.upstream.describe(),
             "delivery attempt"
         );
@@ -873,7 +874,7 @@ async fn bounce_new_failures(shared: &Shared, msg: &mut QueuedMessage) -> Result
             tracing::error!(event = "bounce_not_queued", id = %original.id, error = %e, "cannot queue the bounce; trying again later");
             return Err(());
         }
-        tracing::info!(event = "bounce", id = %original.id, bounce_id = %envelope.id, to = %original.from, failed = failed.len(), "bouncing");
+        tracing::info!(event = "bounce", id = %original.id, bounce_id = %envelope.id, to = %Escaped(&original.from), failed = failed.len(), "bouncing");
     }
     for i in fresh {
         msg.state.recipients[i].bounced = true;

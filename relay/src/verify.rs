@@ -10,6 +10,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
     config::VerificationConfig,
+    logsafe::Escaped,
     verify_dns::{CheckOutcome, DnsChecker},
 };
 
@@ -151,7 +152,8 @@ impl Verifier {
                 event = "domain_check",
                 hosting = %hosting,
                 domain = %domain,
-                outcome = %outcome,
+                // The outcome quotes what a DNS server answered: anyone's text.
+                outcome = %Escaped(&outcome.to_string()),
                 status = %d.status,
                 "DNS ownership check"
             );

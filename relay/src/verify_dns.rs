@@ -21,6 +21,8 @@ use hickory_resolver::{
     },
 };
 
+use crate::logsafe::Escaped;
+
 /// Where the system's nameservers are read from when none are configured.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -205,7 +207,12 @@ impl DnsChecker {
             }
             Ok(Err(e)) => classify_error(&e, &display_name, self.timeout),
         };
-        tracing::debug!(name = %display_name, outcome = %outcome, "TXT ownership check");
+        // The outcome quotes what a DNS server answered: anyone's text.
+        tracing::debug!(
+            name = %Escaped(&display_name),
+            outcome = %Escaped(&outcome.to_string()),
+            "TXT ownership check"
+        );
         outcome
     }
 }

@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::watch};
 
-use crate::{policy, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier};
+use crate::{
+    logsafe::Escaped, policy, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier,
+};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -237,7 +239,7 @@ struct NewHosting {
 
 async fn add_hosting(State(s): State<AdminState>, Json(req): Json<NewHosting>) -> ApiResult {
     let h = s.store.add_hosting(&req.name, &req.domains)?;
-    tracing::info!(event = "hosting_added", hosting = %h.name, "admin");
+    tracing::info!(event = "hosting_added", hosting = %Escaped(&h.name), "admin");
     Ok(Json(hosting_json(&h)))
 }
 
@@ -256,7 +258,7 @@ async fn hosting_password(
     }
     let phc = hash(req.password).await?;
     s.store.set_hosting_password(&name, &phc)?;
-    tracing::info!(event = "hosting_password_changed", hosting = %name, "admin");
+    tracing::info!(event = "hosting_password_changed", hosting = %Escaped(&name), "admin");
     Ok(Json(json!({ "name": name })))
 }
 
@@ -277,7 +279,7 @@ async fn add_mailbox(State(s): State<AdminState>, Json(req): Json<NewMailbox>) -
     }
     let phc = hash(req.password).await?;
     let m = s.store.add_mailbox(&address, &phc)?;
-    tracing::info!(event = "mailbox_added", mailbox = %m.address, hosting = %m.hosting, "admin");
+    tracing::info!(event = "mailbox_added", mailbox = %Escaped(&m.address), hosting = %Escaped(&m.hosting), "admin");
     Ok(Json(mailbox_json(&m)))
 }
 
@@ -306,7 +308,7 @@ async fn mailbox_password(
     }
     let phc = hash(req.password).await?;
     let m = s.store.set_mailbox_password(&address, &phc)?;
-    tracing::info!(event = "mailbox_password_changed", mailbox = %m.address, "admin");
+    tracing::info!(event = "mailbox_password_changed", mailbox = %Escaped(&m.address), "admin");
     Ok(Json(mailbox_json(&m)))
 }
 
@@ -315,7 +317,7 @@ async fn delete_mailbox(
     UrlPath(address): UrlPath<String>,
 ) -> ApiResult {
     s.store.delete_mailbox(&address)?;
-    tracing::info!(event = "mailbox_deleted", mailbox = %address, "admin");
+    tracing::info!(event = "mailbox_deleted", mailbox = %Escaped(&address), "admin");
     Ok(Json(json!({ "deleted": address })))
 }
 
@@ -332,7 +334,7 @@ async fn add_domain(
     let token =
         crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
-    tracing::info!(event = "domain_added", hosting = %d.hosting, domain = %d.domain, "admin");
+    tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
     Ok(Json(domain_json(&s.verifier, &d)))
 }
 
@@ -389,7 +391,7 @@ async fn delete_domain(
 ) -> ApiResult {
     let domain = domain_key(&domain)?;
     let accounts = s.store.delete_domain(&hosting, &domain)?;
-    tracing::info!(event = "domain_deleted", hosting = %hosting, domain = %domain, accounts, "admin");
+    tracing::info!(event = "domain_deleted", hosting = %Escaped(&hosting), domain = %Escaped(&domain), accounts, "admin");
     Ok(Json(
         json!({ "domain": domain, "accounts_deleted": accounts }),
     ))
@@ -414,7 +416,7 @@ async fn add_accounts(
     for address in &req.addresses {
         match s.store.add_account(&hosting, address) {
             Ok(a) => {
-                tracing::info!(event = "account_added", hosting = %hosting, account = %a.address, "admin");
+                tracing::info!(event = "account_added", hosting = %Escaped(&hosting), account = %Escaped(&a.address), "admin");
                 added.push(account_json(&a));
             }
             Err(e) => {
@@ -458,7 +460,7 @@ async fn delete_account(
     UrlPath((hosting, address)): UrlPath<(String, String)>,
 ) -> ApiResult {
     s.store.delete_account(&hosting, &address)?;
-    tracing::info!(event = "account_deleted", hosting = %hosting, account = %address, "admin");
+    tracing::info!(event = "account_deleted", hosting = %Escaped(&hosting), account = %Escaped(&address), "admin");
     Ok(Json(json!({ "deleted": address })))
 }
 
@@ -495,7 +497,7 @@ async fn delete_queued(State(s): State<AdminState>, UrlPath(id): UrlPath<String>
         return Err(not_found(format!("no queued message {id}")));
     }
     s.scheduler.forget(id.clone());
-    tracing::info!(event = "queue_deleted", id = %id, "admin");
+    tracing::info!(event = "queue_deleted", id = %Escaped(&id), "admin");
     Ok(Json(json!({ "deleted": id })))
 }
 

@@ -17,7 +17,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::session::AuthResult;
-use crate::policy::Login;
+use crate::{logsafe::Escaped, policy::Login};
 
 /// Credentials from a SASL exchange. `Debug` never prints the password.
 #[derive(Clone)]
@@ -71,6 +71,51 @@ fn verify_password(password: &str, phc: &str) -> bool {
             .verify_password(password.as_bytes(), &hash)
             .is_ok(),
         Err(_) => false,
+    }
+}
+
+/// The login an AUTH attempt is counted, cached and logged under: the
+/// normalised address, or, when the client's text is no address at all, that
+/// text in lower case (so `A` and `a` share one failure count).
+pub fn login_key(raw: &str) -> String {
+    normalize_address(raw).unwrap_or_else(|_| raw.to_lowercase())
+}
+
+/// What one AUTH attempt came to, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthEvent {
+    RateLimited,
+    Success { cached: bool },
+    Failure { known_login: bool },
+}
+
+/// Writes one AUTH outcome to the log: every outcome goes through here so
+/// the login, which is the client's own text whenever it matched no mailbox
+/// (`x\r\nevent=auth_success` is a valid SASL user name), is escaped
+/// once for all of them (SPEC §4). The fuzz target `session` calls it too.
+pub fn log_auth(event: AuthEvent, peer: IpAddr, login: &str) {
+    let login = Escaped(login);
+    match event {
+        AuthEvent::RateLimited => tracing::warn!(
+            event = "auth_rate_limited",
+            peer = %peer,
+            login = %login,
+            "AUTH refused: too many failures"
+        ),
+        AuthEvent::Success { cached } => tracing::info!(
+            event = "auth_success",
+            peer = %peer,
+            login = %login,
+            cached,
+            "AUTH ok"
+        ),
+        AuthEvent::Failure { known_login } => tracing::warn!(
+            event = "auth_failure",
+            peer = %peer,
+            login = %login,
+            known_login,
+            "AUTH failed"
+        ),
     }
 }
 
@@ -197,27 +242,28 @@ impl Authenticator {
 
     /// Checks credentials; the outcome feeds [`super::session::Session::auth_result`].
     pub async fn authenticate(&self, peer: IpAddr, creds: SaslCredentials) -> AuthResult {
-        let login = normalize_address(&creds.login).unwrap_or_else(|_| creds.login.to_lowercase());
+        let login = login_key(&creds.login);
         let ip_key = peer.to_string();
         let now = Instant::now();
         let limited =
             lock(&self.by_ip).blocked(&ip_key, now) || lock(&self.by_login).blocked(&login, now);
         if limited {
             // Also for a correct password: the attacker learns nothing.
-            tracing::warn!(event = "auth_rate_limited", peer = %peer, login = %login, "AUTH refused: too many failures");
+            log_auth(AuthEvent::RateLimited, peer, &login);
             return AuthResult::RateLimited;
         }
 
         let mailbox = match self.store.mailbox(&login) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(error = %e, "store error during AUTH");
+                // The store's error may quote the client's login.
+                tracing::error!(error = %Escaped(&e.to_string()), "store error during AUTH");
                 return AuthResult::TemporaryFailure;
             }
         };
         let id = self.cache_id(&login, &creds.password);
         if let Some(hit) = self.cached(&id, mailbox.as_ref()) {
-            tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
+            log_auth(AuthEvent::Success { cached: true }, peer, &login);
             return AuthResult::Success(hit);
         }
         let Ok(permit) = self.hashing.acquire().await else {
@@ -226,7 +272,7 @@ impl Authenticator {
         // While we waited, another session may have verified the same
         // credentials (a client opening many sessions at once).
         if let Some(hit) = self.cached(&id, mailbox.as_ref()) {
-            tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = true, "AUTH ok");
+            log_auth(AuthEvent::Success { cached: true }, peer, &login);
             return AuthResult::Success(hit);
         }
 
@@ -262,19 +308,19 @@ impl Authenticator {
                         phc: mailbox.password_hash,
                     },
                 );
-                tracing::info!(event = "auth_success", peer = %peer, login = %login, cached = false, "AUTH ok");
+                log_auth(AuthEvent::Success { cached: false }, peer, &login);
                 AuthResult::Success(session_login)
             }
             other => {
                 let now = Instant::now();
                 lock(&self.by_ip).record(&ip_key, now);
                 lock(&self.by_login).record(&login, now);
-                tracing::warn!(
-                    event = "auth_failure",
-                    peer = %peer,
-                    login = %login,
-                    known_login = other.is_some(),
-                    "AUTH failed"
+                log_auth(
+                    AuthEvent::Failure {
+                        known_login: other.is_some(),
+                    },
+                    peer,
+                    &login,
                 );
                 tokio::time::sleep(self.settings.failure_delay).await;
                 AuthResult::Failed
@@ -313,6 +359,54 @@ mod tests {
                 .as_ref()
                 .map(|c| (c.login.as_str(), c.password.as_str()));
             assert_eq!(got, *expect, "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    /// What `f` logs through tracing's fmt subscriber (the relay's format).
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                lock(&self.0).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8_lossy(&lock(&buf.0)).into_owned()
+    }
+
+    /// SPEC §4: a CR/LF in the SASL user name cannot start a log line.
+    #[test]
+    fn every_auth_outcome_logs_a_hostile_login_on_one_line() {
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let hostile = login_key("x\r\nevent=auth_success login=fake\u{1b}[2k");
+        for event in [
+            AuthEvent::RateLimited,
+            AuthEvent::Success { cached: true },
+            AuthEvent::Failure { known_login: false },
+        ] {
+            let log = logged(|| log_auth(event, peer, &hostile));
+            assert_eq!(log.lines().count(), 1, "{event:?}: {log:?}");
+            assert!(log.ends_with('\n'), "{event:?}: {log:?}");
+            assert!(
+                !log.trim_end_matches('\n').contains(['\r', '\n', '\u{1b}']),
+                "{event:?}: {log:?}"
+            );
+            assert!(
+                log.contains("login=x\\r\\nevent=auth_success login=fake\\u{1b}[2k"),
+                "{event:?}: {log:?}"
+            );
         }
     }
 

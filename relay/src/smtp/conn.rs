@@ -19,6 +19,7 @@ use super::{
     session::{Action, Listener, Session, SessionConfig},
 };
 use crate::{
+    logsafe::Escaped,
     policy::SenderPolicy,
     spool::{IncomingMessage, Spool, SpoolError},
 };
@@ -80,7 +81,7 @@ pub async fn serve(
         Ok(_) => tracing::info!(
             event = "session_end",
             peer = %peer,
-            login = %login,
+            login = %Escaped(&login),
             tls = session.is_tls(),
             secs = started.elapsed().as_secs_f64(),
             "connection closed"
@@ -88,7 +89,7 @@ pub async fn serve(
         Err(e) => tracing::info!(
             event = "session_end",
             peer = %peer,
-            login = %login,
+            login = %Escaped(&login),
             tls = session.is_tls(),
             secs = started.elapsed().as_secs_f64(),
             error = %e,
@@ -361,9 +362,9 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::info!(
             event = "message_refused",
             peer = %session.peer,
-            login = %login,
+            login = %Escaped(&login),
             size,
-            reply = %reply,
+            reply = %Escaped(&reply.to_string()),
             "message refused"
         );
         message.discard().await;
@@ -376,8 +377,8 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
             tracing::info!(
                 event = "message_accepted",
                 id = %id,
-                login = %login,
-                from = %from,
+                login = %Escaped(&login),
+                from = %Escaped(&from),
                 recipients,
                 size,
                 "queued"

@@ -15,6 +15,7 @@ use smtp_proto::{
 use super::{auth::SaslCredentials, data::DataOutcome, reply, reply::Reply};
 use crate::{
     cleanup::{self, HeaderVerdict},
+    logsafe::Escaped,
     policy::{Login, SenderPolicy},
 };
 
@@ -166,12 +167,24 @@ impl Session {
     }
 
     /// A line that could not be taken as a command (too long, bare LF).
+    /// Inside an AUTH exchange it ends the exchange (see `count_errors`).
     pub fn protocol_error(&mut self, reply: Reply) -> Action {
         self.count_errors(Action::Reply(reply))
     }
 
-    /// RFC 5321 §4.5.3.2: the relay may drop a client that keeps erring.
+    /// Every reply to a client line goes through here, so the two rules
+    /// about error replies live in one place:
+    /// - SPEC §4: any error reply ends an AUTH exchange in progress and the
+    ///   next line is a command again. Otherwise a line refused by the
+    ///   framing (too long, bare LF) would leave the exchange open, and the
+    ///   client's next command would be taken as its password.
+    /// - RFC 5321 §4.5.3.2: the relay may drop a client that keeps erring.
     fn count_errors(&mut self, action: Action) -> Action {
+        if let Action::Reply(r) | Action::Close(r) = &action
+            && !r.is_positive()
+        {
+            self.sasl = Sasl::None;
+        }
         if let Action::Reply(r) = &action
             && !r.is_positive()
             && r.code != 454
@@ -379,11 +392,13 @@ impl Session {
             };
             let decision = self.policy.decide(login, &normalized);
             if !decision.allowed {
+                // The sender is the client's text (normalised, but the
+                // log does not rely on what normalisation lets through).
                 tracing::info!(
                     event = "sender_refused",
-                    login = %login.address,
-                    sender = %normalized,
-                    reason = %decision.reason,
+                    login = %Escaped(&login.address),
+                    sender = %Escaped(&normalized),
+                    reason = %Escaped(&decision.reason),
                     "MAIL FROM refused"
                 );
                 return Action::Reply(reply::sender_not_owned(&normalized, &login.address));
@@ -474,11 +489,12 @@ impl Session {
         match cleanup::check_headers(headers, login, self.policy.as_ref()) {
             HeaderVerdict::Accept => Ok(()),
             HeaderVerdict::Refuse { reply, reason } => {
+                // The reason quotes header addresses: the client's text.
                 tracing::info!(
                     event = "message_refused",
-                    login = %login.address,
-                    from = %envelope.from,
-                    reason = %reason,
+                    login = %Escaped(&login.address),
+                    from = %Escaped(&envelope.from),
+                    reason = %Escaped(&reason),
                     "message refused at end of DATA"
                 );
                 Err(reply)
@@ -751,6 +767,67 @@ mod tests {
         send(&mut s, "AUTH PLAIN");
         assert_eq!(code(&send(&mut s, "not base64!")), 501);
         assert_eq!(code(&send(&mut s, "NOOP")), 250);
+    }
+
+    /// SPEC §4: any error reply inside an AUTH exchange ends it; the next
+    /// line is a command again, never a SASL response (a password).
+    #[test]
+    fn an_error_reply_ends_the_auth_exchange() {
+        // How the exchange is broken off: by the socket side's framing (a
+        // too-long line, a bare LF) or by a refused SASL response.
+        #[derive(Debug, Clone, Copy)]
+        enum Break {
+            TooLong,
+            BareLf,
+            Line(&'static str),
+        }
+        // (lines that open the exchange, how it breaks, the error code)
+        let cases: &[(&[&str], Break, u16)] = &[
+            (&["AUTH LOGIN"], Break::TooLong, 500),
+            (&["AUTH LOGIN"], Break::BareLf, 500),
+            (&["AUTH LOGIN", "aW5mb0BhY21lLnRlc3Q="], Break::TooLong, 500),
+            (&["AUTH LOGIN", "aW5mb0BhY21lLnRlc3Q="], Break::BareLf, 500),
+            (&["AUTH LOGIN aW5mb0BhY21lLnRlc3Q="], Break::TooLong, 500),
+            (&["AUTH PLAIN"], Break::TooLong, 500),
+            (&["AUTH PLAIN"], Break::BareLf, 500),
+            (&["AUTH LOGIN"], Break::Line("not base64!"), 501),
+            (
+                &["AUTH LOGIN", "aW5mb0BhY21lLnRlc3Q="],
+                Break::Line("%%"),
+                501,
+            ),
+            (&["AUTH PLAIN"], Break::Line("not base64!"), 501),
+            (&["AUTH PLAIN"], Break::Line("AGZvbw=="), 501),
+            (&["AUTH PLAIN"], Break::Line("*"), 501),
+        ];
+        for (open, how, expect) in cases {
+            let mut s = session(Listener::Submissions);
+            send(&mut s, "EHLO c");
+            for line in *open {
+                assert_eq!(code(&send(&mut s, line)), 334, "{open:?}: {line}");
+            }
+            let a = match how {
+                Break::TooLong => s.protocol_error(reply::line_too_long()),
+                Break::BareLf => s.protocol_error(reply::command_bare_line_ending()),
+                Break::Line(l) => send(&mut s, l),
+            };
+            assert_eq!(code(&a), *expect, "{open:?} then {how:?}: {}", text(&a));
+            // "NOOP" is valid base64: were the exchange still open it would
+            // be taken as the password (LOGIN) or the response (PLAIN).
+            let a = send(&mut s, "NOOP");
+            assert_eq!(code(&a), 250, "{open:?} then {how:?}: {}", text(&a));
+            // And a new exchange can start.
+            assert_eq!(code(&send(&mut s, "AUTH LOGIN")), 334, "{open:?} {how:?}");
+        }
+    }
+
+    #[test]
+    fn a_protocol_error_outside_auth_keeps_the_session() {
+        let mut s = logged_in();
+        send(&mut s, "MAIL FROM:<info@acme.test>");
+        assert_eq!(code(&s.protocol_error(reply::line_too_long())), 500);
+        assert_eq!(code(&send(&mut s, "RCPT TO:<a@b.test>")), 250);
+        assert!(s.login().is_some());
     }
 
     #[test]
