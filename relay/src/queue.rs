@@ -559,14 +559,7 @@ async fn blocking<T: Send + 'static>(
 async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connection>) -> Report {
     let queue = shared.queue.clone();
     let owned = id.to_string();
-    let loaded = blocking(move || {
-        let Some(m) = queue.load(&owned)? else {
-            return Ok(None);
-        };
-        let reader = queue.open_message(&owned);
-        Ok(Some((m, reader)))
-    })
-    .await;
+    let loaded = blocking(move || queue.open_for_delivery(&owned)).await;
     let retry_later = |why: &str| {
         tracing::error!(event = "queue_error", id = %id, error = %why, "cannot read queued message; trying later");
         Report {
@@ -613,13 +606,6 @@ async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connecti
         .collect();
     let mut contact = Contact::NotTried;
     if !pending.is_empty() && job == Job::Deliver {
-        let reader = match reader {
-            Ok(r) => r,
-            Err(StoreError::Corrupt(why)) => {
-                return hold_unreadable(shared, id, Some(msg), &why).await;
-            }
-            Err(e) => return retry_later(&e.to_string()),
-        };
         contact = attempt(shared, &mut msg, &pending, reader, conn).await;
         if contact == Contact::NotTried {
             // The file turned out damaged while it was being sent.

@@ -146,6 +146,9 @@ pub struct QueuedMessage {
     pub envelope: Envelope,
     pub size: u64,
     pub state: DeliveryState,
+    /// Where the message starts in its file, and its CRC (for the reader).
+    offset: u64,
+    crc: u32,
 }
 
 impl QueuedMessage {
@@ -213,7 +216,7 @@ impl Queue {
             let entry = entry.map_err(|e| classify("cannot list", dir, e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some((id, ext)) = name.rsplit_once('.') else {
+            let Some((id, ext)) = name.split_once('.') else {
                 continue;
             };
             if !valid_id(id) {
@@ -222,7 +225,9 @@ impl Queue {
             match ext {
                 "msg" => ids.push(id.to_string()),
                 "st" => states.push(id.to_string()),
-                "tmp" => {
+                // A message being received, or a state being replaced, when the
+                // relay stopped.
+                "tmp" | "st.new" => {
                     let path = entry.path();
                     fs::remove_file(&path).map_err(|e| classify("cannot remove", &path, e))?;
                     report.incomplete_removed += 1;
@@ -338,6 +343,20 @@ impl Queue {
     /// One message's envelope, size and state; `None` when it is not (or no longer) queued.
     /// A damaged file is `Err(Corrupt)`.
     pub fn load(&self, id: &str) -> Result<Option<QueuedMessage>> {
+        Ok(self.open_file(id)?.map(|(_, _, m)| m))
+    }
+
+    /// What a delivery needs, from one open of the file: the message's envelope and
+    /// state, and a reader of its content. `None` when it is no longer queued.
+    pub fn open_for_delivery(&self, id: &str) -> Result<Option<(QueuedMessage, MessageReader)>> {
+        let Some((file, path, m)) = self.open_file(id)? else {
+            return Ok(None);
+        };
+        let reader = MessageReader::new(file, path, &m)?;
+        Ok(Some((m, reader)))
+    }
+
+    fn open_file(&self, id: &str) -> Result<Option<(File, PathBuf, QueuedMessage)>> {
         if !valid_id(id) {
             return Ok(None);
         }
@@ -348,16 +367,18 @@ impl Queue {
             Err(e) => return Err(classify("cannot open", &path, e)),
         };
         let layout = read_layout(&mut file, &path)?;
-        let state = self.read_state(id)?;
-        let state = match state {
+        let state = match self.read_state(id)? {
             Some(s) if s.recipients.len() == layout.envelope.recipients.len() => s,
             _ => DeliveryState::fresh(&layout.envelope),
         };
-        Ok(Some(QueuedMessage {
+        let message = QueuedMessage {
             size: layout.message_len,
             envelope: layout.envelope,
             state,
-        }))
+            offset: layout.message_offset,
+            crc: layout.crc,
+        };
+        Ok(Some((file, path, message)))
     }
 
     fn read_state(&self, id: &str) -> Result<Option<DeliveryState>> {
@@ -395,28 +416,13 @@ impl Queue {
         Ok(())
     }
 
-    /// Opens a message's content for delivery: a reader of exactly its bytes that checks
-    /// the CRC at the end.
+    /// Opens a message's content: a reader of exactly its bytes that checks the CRC at
+    /// the end.
     pub fn open_message(&self, id: &str) -> Result<MessageReader> {
-        if !valid_id(id) {
-            return Err(no_message(id));
+        match self.open_file(id)? {
+            Some((file, path, m)) => MessageReader::new(file, path, &m),
+            None => Err(no_message(id)),
         }
-        let path = self.msg_path(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(no_message(id)),
-            Err(e) => return Err(classify("cannot open", &path, e)),
-        };
-        let layout = read_layout(&mut file, &path)?;
-        file.seek(SeekFrom::Start(layout.message_offset))
-            .map_err(|e| classify("cannot read", &path, e))?;
-        Ok(MessageReader {
-            file,
-            path,
-            remaining: layout.message_len,
-            expected_crc: layout.crc,
-            crc: crc32fast::Hasher::new(),
-        })
     }
 
     /// The message's header block, at most `limit` bytes (for bounces, which carry the
@@ -488,6 +494,8 @@ fn damaged_view(id: &str, why: String) -> QueuedMessage {
             recipients: Vec::new(),
             held: true,
         },
+        offset: 0,
+        crc: 0,
     }
 }
 
@@ -592,8 +600,8 @@ impl MessageWriter {
         let Some(file) = self.file.as_mut() else {
             return Err(StoreError::Io("queue file not open".into()));
         };
-        // Written at an explicit offset: whatever a failed write left behind is
-        // overwritten by the next attempt, never taken for data.
+        // A failed write is never retried: the caller drops the writer, which
+        // removes the file, so nothing half-written is ever renamed into the queue.
         file.write_all_at(&self.buf, self.written)
             .map_err(|e| classify("cannot write", &self.tmp, e))?;
         self.written += self.buf.len() as u64;
@@ -616,9 +624,6 @@ impl MessageWriter {
         let Some(file) = self.file.as_ref() else {
             return Err(StoreError::Io("queue file not open".into()));
         };
-        // A failed write can leave bytes past the end we know: cut them off.
-        file.set_len(self.written)
-            .map_err(|e| classify("cannot write", &self.tmp, e))?;
         file.sync_data()
             .map_err(|e| classify("cannot sync", &self.tmp, e))?;
         fs::rename(&self.tmp, &self.msg).map_err(|e| classify("cannot rename", &self.tmp, e))?;
@@ -653,6 +658,18 @@ pub struct MessageReader {
 }
 
 impl MessageReader {
+    fn new(mut file: File, path: PathBuf, m: &QueuedMessage) -> Result<MessageReader> {
+        file.seek(SeekFrom::Start(m.offset))
+            .map_err(|e| classify("cannot read", &path, e))?;
+        Ok(MessageReader {
+            file,
+            path,
+            remaining: m.size,
+            expected_crc: m.crc,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
     pub fn len_remaining(&self) -> u64 {
         self.remaining
     }
@@ -810,6 +827,7 @@ mod tests {
             put(&q, "0003", b"will be damaged");
         }
         fs::write(dir.path().join("0002.tmp"), b"half a message").unwrap();
+        fs::write(dir.path().join("0001.st.new"), b"{\"half").unwrap();
         fs::write(dir.path().join("0009.st"), b"{}").unwrap();
         // Flip one byte of 0003's message: its CRC no longer matches.
         let p = dir.path().join("0003.msg");
@@ -820,7 +838,8 @@ mod tests {
         fs::write(dir.path().join("0004.msg"), b"DAQ1garbage").unwrap();
 
         let (q, report) = Queue::open(dir.path()).unwrap();
-        assert_eq!(report.incomplete_removed, 1);
+        assert_eq!(report.incomplete_removed, 2);
+        assert!(!dir.path().join("0001.st.new").exists());
         assert_eq!(report.orphan_states_removed, 1);
         let ids: Vec<&str> = report.messages.iter().map(|m| m.id()).collect();
         assert_eq!(ids, ["0001", "0003"]);
