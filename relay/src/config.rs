@@ -180,6 +180,9 @@ pub struct QueueConfig {
     pub dead_after: u32,
     /// The first wait between probes of a dead upstream; doubles up to `retry_max`.
     pub probe_interval: Dur,
+    /// How a group commit makes accepted messages durable: `"syncfs"` (one flush of the
+    /// data dir's file system per batch) or `"fsync"` (each file, then the directory).
+    pub sync: domauth_store::SyncMethod,
 }
 
 impl Default for QueueConfig {
@@ -191,6 +194,7 @@ impl Default for QueueConfig {
             concurrency: 16,
             dead_after: 3,
             probe_interval: Dur::secs(10),
+            sync: domauth_store::SyncMethod::Syncfs,
         }
     }
 }

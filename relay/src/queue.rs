@@ -121,6 +121,57 @@ struct Shared {
     settings: QueueSettings,
     /// Delivery states that could not be written (a full disk): newer than the file's.
     unsaved: Mutex<HashMap<String, DeliveryState>>,
+    reaper: Reaper,
+}
+
+/// Removes finished messages from the queue directory on a thread of its own, many per
+/// wake-up: a delivery does not wait for its `unlink` (which, like the state file, is
+/// not synced either way: after a crash a finished message may be delivered again,
+/// never lost). `unlink` needs no free space.
+struct Reaper {
+    tx: Option<std::sync::mpsc::Sender<String>>,
+    queue: Queue,
+}
+
+impl Reaper {
+    fn start(queue: Queue) -> Reaper {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reaping = queue.clone();
+        let spawned = std::thread::Builder::new()
+            .name("domauth-reaper".into())
+            .spawn(move || {
+                while let Ok(id) = rx.recv() {
+                    for id in std::iter::once(id).chain(rx.try_iter()) {
+                        reap(&reaping, &id);
+                    }
+                }
+            });
+        let tx = match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::error!(event = "queue_error", error = %e, "cannot start the reaper thread; finished messages are removed inline");
+                None
+            }
+        };
+        Reaper { tx, queue }
+    }
+
+    fn remove(&self, id: String) {
+        let id = match &self.tx {
+            Some(tx) => match tx.send(id) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(id)) => id,
+            },
+            None => id,
+        };
+        reap(&self.queue, &id);
+    }
+}
+
+fn reap(queue: &Queue, id: &str) {
+    if let Err(e) = queue.remove(id) {
+        tracing::error!(event = "queue_error", id = %id, error = %e, "cannot remove a finished message; it may be delivered again after a restart");
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +243,7 @@ pub fn start(
     }
     let concurrency = settings.concurrency;
     let shared = Arc::new(Shared {
+        reaper: Reaper::start(queue.clone()),
         queue,
         spool,
         upstream,
@@ -559,7 +611,16 @@ async fn blocking<T: Send + 'static>(
 async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connection>) -> Report {
     let queue = shared.queue.clone();
     let owned = id.to_string();
-    let loaded = blocking(move || queue.open_for_delivery(&owned)).await;
+    // One blocking call reads the envelope, the state and (for most messages) the
+    // whole content; a damaged content shows here already.
+    let loaded = blocking(move || {
+        let Some((m, mut reader)) = queue.open_for_delivery(&owned)? else {
+            return Ok(None);
+        };
+        reader.prefetch(crate::upstream::CHUNK)?;
+        Ok(Some((m, reader)))
+    })
+    .await;
     let retry_later = |why: &str| {
         tracing::error!(event = "queue_error", id = %id, error = %why, "cannot read queued message; trying later");
         Report {
@@ -643,42 +704,27 @@ async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connecti
         r.status != RecipientStatus::Pending && (r.status != RecipientStatus::Failed || r.bounced)
     });
     if settled {
-        let queue = shared.queue.clone();
-        let owned = id.to_string();
-        match blocking(move || queue.remove(&owned)).await {
-            Ok(_) => {
-                forget_unsaved(shared, id);
-                let failed = msg
-                    .state
-                    .recipients
-                    .iter()
-                    .filter(|r| r.status == RecipientStatus::Failed)
-                    .count();
-                tracing::info!(
-                    event = "message_done",
-                    id = %id,
-                    delivered = msg.state.recipients.len() - failed,
-                    failed,
-                    "removed from queue"
-                );
-                return Report {
-                    id: id.to_string(),
-                    next: Next::Done,
-                    contact,
-                    received_at,
-                };
-            }
-            Err(e) => {
-                tracing::error!(event = "queue_error", id = %id, error = %e, "cannot remove a finished message; keeping its state in memory");
-                lock(&shared.unsaved).insert(id.to_string(), msg.state.clone());
-                return Report {
-                    id: id.to_string(),
-                    next: Next::RetryAfter(shared.settings.retry_initial),
-                    contact,
-                    received_at,
-                };
-            }
-        }
+        forget_unsaved(shared, id);
+        let failed = msg
+            .state
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Failed)
+            .count();
+        tracing::info!(
+            event = "message_done",
+            id = %id,
+            delivered = msg.state.recipients.len() - failed,
+            failed,
+            "removed from queue"
+        );
+        shared.reaper.remove(id.to_string());
+        return Report {
+            id: id.to_string(),
+            next: Next::Done,
+            contact,
+            received_at,
+        };
     }
     let delay = if bounced.is_err() {
         // Only the bounce is owed: try again soon, not after the backoff.

@@ -100,7 +100,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         ),
     })?;
     let queue_dir = s.data_dir.join("queue");
-    let (queue, opened) = Queue::open(&queue_dir).map_err(|e| match &e {
+    let (queue, opened) = Queue::open(&queue_dir, config.queue.sync).map_err(|e| match &e {
         StoreError::DiskFull(_) => format!(
             "server.data_dir: the disk is full: cannot open the queue in {} ({e})",
             queue_dir.display()

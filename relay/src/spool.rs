@@ -8,10 +8,11 @@
 //! the message size.
 //!
 //! Durability uses group commit: every message that asks while a commit runs joins the
-//! next one. The committer thread finishes each file (`fdatasync`, rename into the queue)
-//! and then syncs the queue directory once for all of them. Nobody gets an answer before
-//! the directory sync that covers their rename. A message whose commit failed is removed
-//! again: the client was told to try later, so it must not be delivered as well.
+//! next one. The committer thread makes the whole batch durable at once
+//! ([`Queue::commit_batch`]: the data, then the renames into the queue; `queue.sync`
+//! says how). Nobody gets an answer before the sync that covers their message. A message
+//! whose commit failed is not in the queue: the client was told to try later, so it must
+//! not be delivered as well.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -170,21 +171,13 @@ fn committer(queue: Queue, mut jobs: mpsc::UnboundedReceiver<CommitJob>, handle:
         while let Ok(more) = jobs.try_recv() {
             batch.push(more);
         }
-        let mut results: Vec<Result<(), SpoolError>> = batch
-            .iter_mut()
-            .map(|job| job.writer.commit().map_err(SpoolError::from))
+        let mut writers: Vec<&mut MessageWriter> =
+            batch.iter_mut().map(|job| &mut job.writer).collect();
+        let results: Vec<Result<(), SpoolError>> = queue
+            .commit_batch(&mut writers)
+            .into_iter()
+            .map(|r| r.map_err(SpoolError::from))
             .collect();
-        if results.iter().any(Result::is_ok)
-            && let Err(e) = queue.sync_dir()
-        {
-            let e = SpoolError::from(e);
-            for (job, result) in batch.iter_mut().zip(results.iter_mut()) {
-                if result.is_ok() {
-                    job.writer.revoke();
-                    *result = Err(e.clone());
-                }
-            }
-        }
         for (job, result) in batch.into_iter().zip(results) {
             match &result {
                 Ok(()) => handle.enqueued(job.id),

@@ -97,7 +97,7 @@ enum Stream {
 }
 
 /// Bytes of the message read from disk and written per block.
-const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 /// A connection-level failure: the connection is unusable afterwards.
 type Broken = String;
@@ -523,21 +523,31 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut reader = Some(message);
-    let mut chunk = Vec::with_capacity(CHUNK.min(64 * 1024));
+    let mut chunk = Vec::new();
     let mut wire = Vec::new();
     let mut stuffer = DotStuffer::default();
     loop {
         let Some(mut r) = reader.take() else { break };
-        let mut buf = std::mem::take(&mut chunk);
-        // Small messages are read in one go; the read runs off the async runtime.
-        let joined = tokio::task::spawn_blocking(move || {
-            let more = r.next_chunk(&mut buf, CHUNK);
-            (r, buf, more)
-        })
-        .await
-        .map_err(|e| Failure::Damaged(format!("read task failed: {e}")))?;
-        let (r, buf, more) = joined;
-        chunk = buf;
+        let more = match r.take_prefetched() {
+            // Read ahead by the caller's one blocking call: no second one.
+            Some(first) => {
+                chunk = first;
+                Ok(!chunk.is_empty())
+            }
+            None => {
+                let mut buf = std::mem::take(&mut chunk);
+                // The read runs off the async runtime.
+                let (back, buf, more) = tokio::task::spawn_blocking(move || {
+                    let more = r.next_chunk(&mut buf, CHUNK);
+                    (r, buf, more)
+                })
+                .await
+                .map_err(|e| Failure::Damaged(format!("read task failed: {e}")))?;
+                r = back;
+                chunk = buf;
+                more
+            }
+        };
         let more = more.map_err(|e| Failure::Damaged(e.to_string()))?;
         if !more {
             break;
@@ -789,7 +799,8 @@ mod tests {
     /// A message in a queue of its own, ready to be read for delivery.
     fn queued(body: &[u8], rcpts: &[String]) -> (tempfile::TempDir, Envelope, MessageReader) {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, _) = domauth_store::Queue::open(dir.path()).unwrap();
+        let (queue, _) =
+            domauth_store::Queue::open(dir.path(), domauth_store::SyncMethod::Fsync).unwrap();
         let envelope = Envelope {
             id: "Q1".into(),
             from: "a@b.test".into(),
@@ -802,7 +813,9 @@ mod tests {
         };
         let mut w = queue.writer(&envelope).unwrap();
         w.push(body);
-        w.commit().unwrap();
+        for r in queue.commit_batch(&mut [&mut w]) {
+            r.unwrap();
+        }
         let reader = queue.open_message("Q1").unwrap();
         (dir, envelope, reader)
     }
