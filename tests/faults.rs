@@ -242,6 +242,33 @@ fn wait_timeout_error(relay: &Relay, id: &str, what: &str) -> Value {
     }
 }
 
+/// Waits (bounded) until the relay's queue directory holds no `ID.tmp`: a
+/// message refused with a 4xx must not leave its half-written file behind
+/// (it is not in `queue list`, but it keeps the disk full until a restart).
+fn assert_no_tmp_files(relay: &TmpfsRelay, what: &str) {
+    let dir = relay.data_dir().join("queue");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tmp: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".tmp"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tmp.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: half-written queue files left behind: {tmp:?}\n{}",
+            tail(&relay.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn tmpfs_relay(upstream_port: u16) -> TmpfsRelay {
     let relay = TmpfsRelay::start(fault_config(upstream_port), TMPFS_SIZE);
     relay.add_mailbox("acme", USER, PASS);
@@ -272,6 +299,7 @@ fn disk_full_gives_4xx_and_loses_nothing() {
         tail(&relay.log())
     );
     refused.insert(big);
+    assert_no_tmp_files(&relay, "after the 2 MB message was refused");
 
     // Small ones may fit or not; either answer is fine, nothing else is.
     for i in 0..5 {
@@ -298,6 +326,7 @@ fn disk_full_gives_4xx_and_loses_nothing() {
         ok.len(),
         "the queue holds exactly the accepted messages (nothing of a refused one stays)"
     );
+    assert_no_tmp_files(&relay, "after the small messages on the full disk");
 
     // Space back: accepted again, no restart.
     filler.free();

@@ -79,6 +79,16 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
+/// Bytes a process has handed to write(2) and its kin so far (`wchar` in
+/// /proc/PID/io): queue files, log and sockets alike.
+fn written_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("proc io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("wchar")
+}
+
 /// A normal, authenticated submission with swaks over STARTTLS; must work.
 fn normal_send(relay: &Relay, to: &str) {
     relay
@@ -441,6 +451,7 @@ fn size_limit_is_enforced_while_streaming_with_bounded_memory() {
     expect(c.read_reply(), "250");
     expect(c.read_reply(), "354");
     let baseline = rss_kib(pid);
+    let written_before = written_bytes(pid);
     c.send(b"From: info@acme.test\r\nSubject: big\r\n\r\n");
     let mut line = vec![b'x'; 998];
     line.extend_from_slice(b"\r\n");
@@ -469,6 +480,17 @@ fn size_limit_is_enforced_while_streaming_with_bounded_memory() {
     assert!(
         peak_growth < 2048,
         "relay RSS grew by {peak_growth} KiB while receiving a {sent}-byte message over a 100000-byte limit"
+    );
+    // Bounded on disk too: what comes past the limit is read and dropped,
+    // not written to the message's queue file (which spills every 256 KB,
+    // so memory alone would not show it). The 552 is out, so every write
+    // for this message is done.
+    let written = written_bytes(pid) - written_before;
+    eprintln!("relay wrote {written} bytes while refusing it");
+    assert!(
+        written < 1024 * 1024,
+        "the relay wrote {written} bytes while refusing a {sent}-byte message over a \
+         100000-byte limit: content past the limit went to the queue file"
     );
     // The session goes on; nothing was queued.
     expect(Some(c.cmd("NOOP")), "250");
