@@ -4,6 +4,7 @@
 mod client;
 mod hold;
 mod load;
+mod plot;
 mod sink;
 mod stats;
 
@@ -73,6 +74,13 @@ enum Cmd {
         /// Testing aid: offer STARTTLS (self-signed) or implicit TLS, and accept any AUTH.
         #[arg(long, value_enum, default_value = "none")]
         tls: TlsMode,
+    },
+    /// Draw the sweeps of `bench/run` (a TSV of `sweep x series y`) as one SVG.
+    Plot {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Open N sessions and hold them idle for T seconds.
     Hold {
@@ -227,6 +235,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             };
             sink::run(listen, count_file, tls).await
         }
+        Cmd::Plot { input, output } => plot::run(&input, &output),
         Cmd::Hold {
             server,
             tls,
