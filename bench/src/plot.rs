@@ -48,13 +48,22 @@ fn read(path: &Path) -> Result<BTreeMap<String, Series>> {
     Ok(sweeps)
 }
 
+/// Tick labels sit at powers of ten, so they read in decimal units.
 fn size_label(bytes: f64) -> String {
-    if bytes >= 1024.0 * 1024.0 {
-        format!("{:.0} MB", bytes / 1024.0 / 1024.0)
-    } else if bytes >= 1024.0 {
-        format!("{:.0} KB", bytes / 1024.0)
+    if bytes >= 1e6 {
+        format!("{:.0} MB", bytes / 1e6)
+    } else if bytes >= 1e3 {
+        format!("{:.0} KB", bytes / 1e3)
     } else {
         format!("{bytes:.0} B")
+    }
+}
+
+fn value_label(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
     }
 }
 
@@ -106,6 +115,8 @@ fn panel(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(unit)
+        .y_labels(6)
+        .y_label_formatter(&|y| value_label(*y))
         .x_label_formatter(&|x| {
             if size_axis {
                 size_label(*x)
