@@ -118,15 +118,6 @@ fn queue_id(reply: &str) -> String {
         .to_string()
 }
 
-fn queue_list(relay: &Relay) -> Vec<Value> {
-    let out = relay.cli_ok(&["queue", "list", "--json"], "");
-    serde_json::from_str::<Value>(&out)
-        .expect("queue list --json is JSON")
-        .as_array()
-        .expect("a JSON array")
-        .clone()
-}
-
 /// How many times each Message-ID arrived.
 fn counts<'a>(messages: impl IntoIterator<Item = &'a SinkMessage>) -> BTreeMap<String, usize> {
     let mut n = BTreeMap::new();
@@ -156,14 +147,14 @@ fn assert_delivered_once(
     loop {
         let n = counts(&sink.messages());
         let missing: Vec<&String> = want.iter().filter(|id| !n.contains_key(*id)).collect();
-        if missing.is_empty() && queue_list(relay).is_empty() {
+        if missing.is_empty() && relay.queue_list().is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "within {timeout:?}: {} accepted messages not delivered ({missing:?}); queue: {:?}\n{}",
             missing.len(),
-            queue_list(relay),
+            relay.queue_list(),
             tail(&relay.log())
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -226,7 +217,7 @@ fn mentions_timeout(text: &str) -> bool {
 fn wait_timeout_error(relay: &Relay, id: &str, what: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let last = queue_list(relay);
+        let last = relay.queue_list();
         if let Some(item) = last.iter().find(|m| m["id"] == id)
             && item["attempts"].as_u64().unwrap_or(0) >= 1
             && item["last_error"].as_str().is_some_and(mentions_timeout)
@@ -322,7 +313,7 @@ fn disk_full_gives_4xx_and_loses_nothing() {
         refused.len()
     );
     assert_eq!(
-        queue_list(&relay).len(),
+        relay.queue_list().len(),
         ok.len(),
         "the queue holds exactly the accepted messages (nothing of a refused one stays)"
     );
@@ -340,7 +331,7 @@ fn disk_full_gives_4xx_and_loses_nothing() {
         );
         ok.insert(id);
     }
-    assert_eq!(queue_list(&relay).len(), ok.len());
+    assert_eq!(relay.queue_list().len(), ok.len());
 
     let sink = Sink::start_at(upstream_port, &sink_dir.path().join("messages"));
     assert_delivered_once(&relay, &sink, &ok, &refused, Duration::from_secs(60));
@@ -434,7 +425,7 @@ fn disk_full_with_smarthost_up_no_duplicate_storm() {
             "on a full disk, messages the smarthost had accepted were sent again: {again:?}\n{}",
             tail(&relay.log())
         );
-        if queue_list(&relay).is_empty() {
+        if relay.queue_list().is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -447,13 +438,13 @@ fn disk_full_with_smarthost_up_no_duplicate_storm() {
         let got = server.received();
         let answered = answered_counts(&got);
         let missing: Vec<&String> = ok.iter().filter(|id| !answered.contains_key(*id)).collect();
-        if missing.is_empty() && queue_list(&relay).is_empty() {
+        if missing.is_empty() && relay.queue_list().is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "with space back, not delivered within 60 s: {missing:?}; queue {:?}\n{}",
-            queue_list(&relay),
+            relay.queue_list(),
             tail(&relay.log())
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -584,11 +575,11 @@ fn smarthost_stalls_after_data() {
 
     answer.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !server.received().iter().any(|r| r.answered) || !queue_list(&relay).is_empty() {
+    while !server.received().iter().any(|r| r.answered) || !relay.queue_list().is_empty() {
         assert!(
             Instant::now() < deadline,
             "not delivered within 60 s after the server started answering; queue {:?}\n{}",
-            queue_list(&relay),
+            relay.queue_list(),
             tail(&relay.log())
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -644,9 +635,9 @@ fn slow_final_reply_is_not_resent() {
     let got = server.received();
     assert!(got[0].answered, "the 250 after 7 s was sent: {got:?}");
     assert!(
-        queue_list(&relay).is_empty(),
+        relay.queue_list().is_empty(),
         "the message was delivered: {:?}",
-        queue_list(&relay)
+        relay.queue_list()
     );
 }
 

@@ -101,24 +101,6 @@ fn normal_send(relay: &Relay, to: &str) {
         .assert_contains("250 2.0.0 Ok: queued as ");
 }
 
-/// Waits until the relay's queue is empty (everything delivered).
-fn wait_queue_empty(relay: &Relay, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = relay.cli(&["--json", "queue", "list"], "");
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-        if v.as_array().is_some_and(|a| a.is_empty()) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "queue not empty within {timeout:?}: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// CR and LF occur only as CRLF.
 fn canonical_crlf(data: &[u8]) -> bool {
     data.iter().enumerate().all(|(i, &b)| match b {
@@ -218,7 +200,7 @@ fn smtp_smuggling_probes_are_refused_and_nothing_is_smuggled() {
     }
 
     sink.wait_for(PROBES.len(), WAIT);
-    wait_queue_empty(&relay, WAIT);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), PROBES.len(), "only the clean messages arrive");
     for (k, m) in got.iter().enumerate() {
@@ -347,7 +329,7 @@ fn data_timeout_ends_a_stalled_message_and_queues_nothing() {
     c.assert_closed("stalled DATA, after the 421");
     normal_send(&relay, "after@example.org");
     let got = sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay, WAIT);
+    relay.wait_queue_empty(WAIT);
     assert_eq!(
         sink.messages().len(),
         1,
@@ -496,7 +478,7 @@ fn size_limit_is_enforced_while_streaming_with_bounded_memory() {
     expect(Some(c.cmd("NOOP")), "250");
     normal_send(&relay, "after@example.org");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay, WAIT);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpt_tos, vec!["after@example.org"]);
@@ -651,7 +633,7 @@ fn random_binary_after_connect() {
     }
     normal_send(&relay, "after-junk@example.org");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay, WAIT);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "nothing but the normal message: {got:?}");
 }

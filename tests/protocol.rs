@@ -102,15 +102,6 @@ fn is_null_sender(mail_from: &str) -> bool {
     mail_from.is_empty() || mail_from == "<>"
 }
 
-fn queue_list(relay: &Relay) -> Vec<serde_json::Value> {
-    let out = relay.cli_ok(&["queue", "list", "--json"], "");
-    serde_json::from_str::<serde_json::Value>(&out)
-        .expect("queue list --json is JSON")
-        .as_array()
-        .expect("a JSON array")
-        .clone()
-}
-
 /// The extension keywords of an EHLO reply (every line but the first).
 fn extensions(reply: &str) -> Vec<String> {
     reply
@@ -527,7 +518,7 @@ fn from_and_sender_header_checks() {
     let got = sink.wait_for(1, WAIT);
     // A wrongly accepted message would be queued too: wait for the queue to
     // drain before counting what arrived.
-    wait_until("an empty queue", || queue_list(&relay).is_empty());
+    wait_until("an empty queue", || relay.queue_list().is_empty());
     let got_all = sink.messages();
     assert_eq!(
         got_all.len(),
@@ -591,7 +582,7 @@ fn message_over_the_size_limit_is_552_declared_or_sent() {
     );
     expect(&r, "250 2.0.0 Ok: queued as ");
     sink.wait_for(1, WAIT);
-    wait_until("an empty queue", || queue_list(&relay).is_empty());
+    wait_until("an empty queue", || relay.queue_list().is_empty());
     let got = sink.messages();
     assert_eq!(got.len(), 1, "the oversized message must not be relayed");
     assert_eq!(got[0].rcpt_tos, vec!["small@example.org"]);
@@ -659,11 +650,11 @@ fn disconnect_in_the_middle_of_data_queues_nothing() {
     wait_until("the relay to notice the disconnect", || {
         relay.log().contains("session_end")
     });
-    assert!(queue_list(&relay).is_empty(), "nothing queued");
+    assert!(relay.queue_list().is_empty(), "nothing queued");
     // Still serving; the one message relayed is the new one.
     swaks_send_ok(&relay);
     sink.wait_for(1, WAIT);
-    wait_until("an empty queue", || queue_list(&relay).is_empty());
+    wait_until("an empty queue", || relay.queue_list().is_empty());
     let got = sink.messages();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].rcpt_tos, vec!["someone@example.org"]);

@@ -34,33 +34,9 @@ fn start_relay(config: RelayConfig) -> Relay {
     relay
 }
 
-fn queue_list(relay: &Relay) -> Vec<Value> {
-    let out = relay.cli_ok(&["queue", "list", "--json"], "");
-    serde_json::from_str::<Value>(&out)
-        .expect("queue list --json is JSON")
-        .as_array()
-        .expect("a JSON array")
-        .clone()
-}
-
 fn queue_show(relay: &Relay, id: &str) -> Value {
     let out = relay.cli_ok(&["queue", "show", id, "--json"], "");
     serde_json::from_str(&out).expect("queue show --json is JSON")
-}
-
-fn wait_queue_empty(relay: &Relay) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let last = queue_list(relay);
-        if last.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the queue did not empty: {last:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Waits until the queue holds exactly the message `id` (anything else it
@@ -69,7 +45,7 @@ fn wait_queue_empty(relay: &Relay) {
 fn wait_queue_only(relay: &Relay, id: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let last = queue_list(relay);
+        let last = relay.queue_list();
         let ids: Vec<&str> = last.iter().filter_map(|m| m["id"].as_str()).collect();
         if ids == [id] {
             return;
@@ -189,13 +165,13 @@ fn upstream_down_then_back(graceful: bool) {
     if graceful {
         // Each waits with its last error and at least one attempt.
         wait_until("3 queued messages with an error", || {
-            let list = queue_list(&relay);
+            let list = relay.queue_list();
             list.len() == 3
                 && list
                     .iter()
                     .all(|m| !m["last_error"].is_null() && m["attempts"].as_u64().unwrap_or(0) >= 1)
         });
-        let list = queue_list(&relay);
+        let list = relay.queue_list();
         let listed: BTreeSet<&str> = list.iter().filter_map(|m| m["id"].as_str()).collect();
         assert_eq!(listed, ids.iter().map(String::as_str).collect());
         for m in &list {
@@ -219,7 +195,7 @@ fn upstream_down_then_back(graceful: bool) {
     let sink = Sink::start_at(port, &dir.path().join("messages"));
     relay.restart();
     sink.wait_for(3, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(message_ids(&got), mids, "every accepted message arrives");
     assert_eq!(got.len(), 3, "each once: {got:?}");
@@ -251,7 +227,7 @@ fn a_recipient_refused_with_5xx_is_bounced_and_the_other_delivered_once() {
         "mixed.5xx@acme.test",
     );
     sink.wait_for(2, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
 
     let ok = delivered_to(&got, "ok@example.org");
@@ -293,7 +269,7 @@ fn null_sender_whose_recipient_is_refused_gets_no_bounce() {
     let id = reply.trim_end().rsplit(' ').next().unwrap().to_string();
     drop(c);
     // The attempt is refused for good and the message leaves the queue.
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     assert_eq!(
         relay.cli(&["queue", "show", &id], "").status.code(),
         Some(1)
@@ -302,7 +278,7 @@ fn null_sender_whose_recipient_is_refused_gets_no_bounce() {
     // A marker proves the sink was reachable all along.
     send(&relay, &["marker@example.org"], "marker.null@acme.test");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "only the marker arrives, no bounce: {got:?}");
     assert_eq!(got[0].rcpt_tos, vec!["marker@example.org"]);
@@ -318,7 +294,7 @@ fn all_recipients_refused_gives_one_bounce_naming_each() {
         "all.refused@acme.test",
     );
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "exactly one bounce, nothing else: {got:?}");
     assert_bounce(
@@ -353,10 +329,10 @@ fn a_bounce_the_upstream_refuses_is_not_bounced_again() {
     wait_until("the original to leave the queue", || {
         relay.cli(&["queue", "show", &id], "").status.code() == Some(1)
     });
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     send(&relay, &["marker@example.org"], "marker.double@acme.test");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "only the marker arrives: {got:?}");
     assert_eq!(got[0].rcpt_tos, vec!["marker@example.org"]);
@@ -453,7 +429,7 @@ fn a_deferred_recipient_is_retried_with_growing_attempts() {
     );
 
     assert!(relay.cli(&["queue", "delete", &id], "").status.success());
-    assert!(queue_list(&relay).is_empty());
+    assert!(relay.queue_list().is_empty());
     assert_eq!(
         relay.cli(&["queue", "show", &id], "").status.code(),
         Some(1)
@@ -511,7 +487,7 @@ fn queue_retry_triggers_an_attempt_and_delete_removes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(queue_list(&relay).is_empty());
+    assert!(relay.queue_list().is_empty());
 
     // Unknown ids: the operation fails with exit 1.
     for args in [
@@ -537,7 +513,7 @@ fn queue_retry_triggers_an_attempt_and_delete_removes() {
     // Still serving, and a deleted message is never delivered.
     send(&relay, &["after@example.org"], "after.delete@acme.test");
     sink.wait_for(2, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     assert_eq!(sink.messages().len(), 2);
 }
 
@@ -549,7 +525,7 @@ fn a_message_deferred_past_max_lifetime_is_bounced_and_removed() {
     let relay = start_relay(config);
     let id = send(&relay, &["defer3@example.org"], "expire.me@acme.test");
     let got = sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     assert_eq!(
         relay.cli(&["queue", "show", &id], "").status.code(),
         Some(1)

@@ -35,21 +35,6 @@ fn expect(reply: &str, prefix: &str) {
     );
 }
 
-/// Waits until `queue list` is empty: every accepted message is delivered (or
-/// bounced), so a count of what the sink has is final.
-fn wait_queue_empty(relay: &Relay) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let out = relay.cli_ok(&["--json", "queue", "list"], "");
-        let v: serde_json::Value = serde_json::from_str(&out).expect("queue list --json");
-        if v.as_array().is_some_and(|a| a.is_empty()) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "queue not empty: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn send_message(c: &mut RawClient, mail: &str, body: &[u8]) -> String {
     expect(&c.cmd(mail), "250");
     expect(&c.cmd("RCPT TO:<someone@example.org>"), "250");
@@ -100,7 +85,7 @@ fn a_20_mb_message_arrives_byte_for_byte() {
     let reply = send_message(&mut c, &format!("MAIL FROM:<{USER}>"), &stuffed(&body));
     expect(&reply, "250 2.0.0 Ok: queued as ");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "exactly one copy");
     let data = &got[0].data;
@@ -142,7 +127,7 @@ fn nul_bytes_are_refused_and_the_session_goes_on() {
     let reply = send_message(&mut c, &format!("MAIL FROM:<{USER}>"), clean.as_bytes());
     expect(&reply, "250 2.0.0 Ok: queued as ");
     sink.wait_for(1, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 1, "only the clean message was relayed: {got:?}");
     assert!(got[0].text().contains("Subject: clean-after-nul"));
@@ -169,7 +154,7 @@ fn eight_bit_mime_is_declared_upstream() {
     let reply = send_message(&mut c, &format!("MAIL FROM:<{USER}>"), plain.as_bytes());
     expect(&reply, "250 2.0.0 Ok: queued as ");
     sink.wait_for(2, WAIT);
-    wait_queue_empty(&relay);
+    relay.wait_queue_empty(WAIT);
     let got = sink.messages();
     assert_eq!(got.len(), 2);
     let eight = got

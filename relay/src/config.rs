@@ -126,6 +126,20 @@ impl Default for UpstreamConfig {
     }
 }
 
+impl UpstreamConfig {
+    /// The per-stage timeouts with their keys, for the checks that apply to all.
+    fn stage_timeouts(&self) -> [(&'static str, Dur); 6] {
+        [
+            ("upstream.connect_timeout", self.connect_timeout),
+            ("upstream.greeting_timeout", self.greeting_timeout),
+            ("upstream.command_timeout", self.command_timeout),
+            ("upstream.data_timeout", self.data_timeout),
+            ("upstream.data_block_timeout", self.data_block_timeout),
+            ("upstream.final_timeout", self.final_timeout),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
@@ -347,15 +361,7 @@ impl Config {
         if self.upstream.username.is_some() != self.upstream.password_file.is_some() {
             return Err("upstream.username / upstream.password_file: set both or neither".into());
         }
-        let u = &self.upstream;
-        for (key, d) in [
-            ("upstream.connect_timeout", u.connect_timeout),
-            ("upstream.greeting_timeout", u.greeting_timeout),
-            ("upstream.command_timeout", u.command_timeout),
-            ("upstream.data_timeout", u.data_timeout),
-            ("upstream.data_block_timeout", u.data_block_timeout),
-            ("upstream.final_timeout", u.final_timeout),
-        ] {
+        for (key, d) in self.upstream.stage_timeouts() {
             positive(key, d)?;
         }
         positive("dns.timeout", self.dns.timeout)?;
@@ -413,15 +419,7 @@ impl Config {
         )?;
         count_at_most("server.max_recipients", s.max_recipients, max::RECIPIENTS)?;
         at_most("server.shutdown_timeout", s.shutdown_timeout, max::TIMEOUT)?;
-        let u = &self.upstream;
-        for (key, d) in [
-            ("upstream.connect_timeout", u.connect_timeout),
-            ("upstream.greeting_timeout", u.greeting_timeout),
-            ("upstream.command_timeout", u.command_timeout),
-            ("upstream.data_timeout", u.data_timeout),
-            ("upstream.data_block_timeout", u.data_block_timeout),
-            ("upstream.final_timeout", u.final_timeout),
-        ] {
+        for (key, d) in self.upstream.stage_timeouts() {
             at_most(key, d, max::TIMEOUT)?;
         }
         at_most("dns.timeout", self.dns.timeout, max::TIMEOUT)?;

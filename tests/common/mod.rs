@@ -465,6 +465,16 @@ impl Relay {
     /// everything accepted was delivered or bounced. Count what the upstream
     /// got only after this, so that a wrongly accepted message has had its
     /// chance to arrive.
+    /// `domauth queue list --json`: the queued messages.
+    pub fn queue_list(&self) -> Vec<serde_json::Value> {
+        let out = self.cli_ok(&["queue", "list", "--json"], "");
+        serde_json::from_str::<serde_json::Value>(&out)
+            .expect("queue list --json is JSON")
+            .as_array()
+            .expect("a JSON array")
+            .clone()
+    }
+
     pub fn wait_queue_empty(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
