@@ -26,7 +26,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use domauth_store::{
-    DeliveryState, Envelope, MessageReader, Queue, QueuedMessage, RecipientStatus, StoreError,
+    DeliveryState, Envelope, MessageReader, Queue, QueuedMessage, QueuedSummary, RecipientStatus,
+    StoreError,
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -209,7 +210,7 @@ struct Report {
 /// Starts the dispatcher and the workers, and schedules what is already queued.
 pub fn start(
     queue: Queue,
-    queued: Vec<QueuedMessage>,
+    queued: Vec<QueuedSummary>,
     spool: Arc<Spool>,
     upstream: Upstream,
     settings: QueueSettings,
@@ -220,18 +221,12 @@ pub fn start(
     let now = Utc::now();
     let mut held = 0;
     for m in &queued {
-        if m.state.held {
+        if m.held {
             held += 1;
             continue;
         }
-        let delay = (m.state.next_attempt - now)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        schedule.insert(
-            m.id().to_string(),
-            m.envelope.received_at,
-            instant_after(delay),
-        );
+        let delay = (m.next_attempt - now).to_std().unwrap_or(Duration::ZERO);
+        schedule.insert(m.id.clone(), m.received_at, instant_after(delay));
     }
     if !queued.is_empty() {
         tracing::info!(

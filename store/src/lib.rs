@@ -56,7 +56,7 @@ pub use mailbox::Mailbox;
 pub use names::{domain_of, normalize_address, normalize_domain, normalize_hosting_name};
 pub use queue::{
     BodyType, DeliveryState, Envelope, MessageReader, MessageWriter, OpenReport, Queue,
-    QueueRecipient, QueuedMessage, RecipientStatus, SyncMethod, is_disk_full,
+    QueueRecipient, QueuedMessage, QueuedSummary, RecipientStatus, SyncMethod, is_disk_full,
 };
 
 use serde::Serialize;

@@ -157,11 +157,21 @@ impl QueuedMessage {
     }
 }
 
+/// What the scheduler needs of a queued message at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedSummary {
+    pub id: String,
+    pub received_at: DateTime<Utc>,
+    pub next_attempt: DateTime<Utc>,
+    pub held: bool,
+}
+
 /// What [`Queue::open`] found.
 #[derive(Debug, Default)]
 pub struct OpenReport {
-    /// Every committed message: id, its state, and its acceptance time.
-    pub messages: Vec<QueuedMessage>,
+    /// Every committed message, as much as the scheduler needs (a backlog of 100,000
+    /// must not sit in memory whole).
+    pub messages: Vec<QueuedSummary>,
     /// Messages whose file is damaged: kept, held, and listed with their error.
     pub damaged: Vec<(String, String)>,
     /// `ID.tmp` files removed: messages being received when the relay stopped; none of
@@ -269,7 +279,12 @@ impl Queue {
         }
         for id in ids {
             match queue.load(&id) {
-                Ok(Some(m)) => report.messages.push(m),
+                Ok(Some(m)) => report.messages.push(QueuedSummary {
+                    received_at: m.envelope.received_at,
+                    next_attempt: m.state.next_attempt,
+                    held: m.state.held,
+                    id,
+                }),
                 Ok(None) => {}
                 Err(StoreError::Corrupt(why)) => report.damaged.push((id, why)),
                 Err(e) => return Err(e),
@@ -998,7 +1013,7 @@ mod tests {
         assert_eq!(report.incomplete_removed, 2);
         assert!(!dir.path().join("0001.st.new").exists());
         assert_eq!(report.orphan_states_removed, 1);
-        let ids: Vec<&str> = report.messages.iter().map(|m| m.id()).collect();
+        let ids: Vec<&str> = report.messages.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["0001", "0003"]);
         assert_eq!(report.damaged.len(), 1, "{:?}", report.damaged);
         assert_eq!(report.damaged[0].0, "0004");
