@@ -322,6 +322,8 @@ impl Schedule {
         if let Some(e) = self.entries.get_mut(&id) {
             e.at = None;
         }
+        // Tried again now: no longer waiting for upstream to come back.
+        self.unreachable.remove(&id);
         Some(id)
     }
 
@@ -435,6 +437,10 @@ async fn dispatcher(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut free = settings.concurrency;
+    // Ids a worker has now, and those asked for again meanwhile (`queue retry`): a
+    // message is never with two workers at once.
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut again: HashSet<String> = HashSet::new();
     loop {
         // Hand out work while workers are free.
         while free > 0 {
@@ -464,6 +470,11 @@ async fn dispatcher(
                 schedule.pop_due(now).map(|id| (id, Job::Deliver))
             };
             let Some(job) = job else { break };
+            if in_flight.contains(&job.0) {
+                again.insert(job.0);
+                continue;
+            }
+            in_flight.insert(job.0.clone());
             if jobs.send(job).await.is_err() {
                 return;
             }
@@ -487,6 +498,7 @@ async fn dispatcher(
         tokio::select! {
             event = events.recv() => match event {
                 Some(Event::Enqueued(id)) => schedule.insert(id, Utc::now(), Instant::now()),
+                Some(Event::Retry(id)) if in_flight.contains(&id) => { again.insert(id); }
                 Some(Event::Retry(id)) => {
                     let received_at = schedule.remove(&id).map(|e| e.received_at).unwrap_or_else(Utc::now);
                     schedule.insert(id, received_at, Instant::now());
@@ -503,6 +515,14 @@ async fn dispatcher(
                 free += 1;
                 let came_back = destination.record(&report.id, &report.contact);
                 let Report { id, next, contact, received_at } = report;
+                in_flight.remove(&id);
+                let next = match next {
+                    Next::RetryAfter(_) if again.remove(&id) => Next::RetryAfter(Duration::ZERO),
+                    other => {
+                        again.remove(&id);
+                        other
+                    }
+                };
                 match next {
                     Next::Done | Next::Held => { schedule.remove(&id); }
                     Next::RetryAfter(_) if contact == Contact::Unreachable && destination.dead => {
@@ -1005,6 +1025,13 @@ mod tests {
         let mut got = vec![s.pop_due(later).unwrap(), s.pop_due(later).unwrap()];
         got.sort();
         assert_eq!(got, ["b", "c"]);
+        // A message tried again is no longer waiting for upstream to come back: a
+        // release must not hand it out a second time while a worker has it.
+        s.insert("u".into(), t0, later);
+        s.unreachable.insert("u".into());
+        assert_eq!(s.pop_due(later).as_deref(), Some("u"));
+        assert!(!s.unreachable.contains("u"));
+        assert_eq!(s.release_all(), 0);
         // Re-inserting replaces, never duplicates.
         s.insert("a".into(), t0, later);
         s.insert("a".into(), t0, later);
