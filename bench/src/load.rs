@@ -28,6 +28,26 @@ pub struct LoadOpts {
     pub rcpt: String,
     pub no_auth: bool,
     pub json: bool,
+    /// MAIL FROM and From: instead of the login: `{i}` is 1..=count (a different one
+    /// per message), `{j}` is `i % domains` (authorized accounts of many domains).
+    pub senders: Option<SenderPattern>,
+}
+
+pub struct SenderPattern {
+    pub pattern: String,
+    pub count: usize,
+    pub domains: usize,
+}
+
+impl SenderPattern {
+    /// The sender of message `n` overall (spread over the whole range).
+    pub fn sender(&self, n: usize) -> String {
+        let i = n % self.count.max(1) + 1;
+        let j = i % self.domains.max(1);
+        self.pattern
+            .replace("{i}", &i.to_string())
+            .replace("{j}", &j.to_string())
+    }
 }
 
 #[derive(Default)]
@@ -135,12 +155,18 @@ async fn one_session(
     res.setup_us = Some(t0.elapsed().as_micros() as u64);
     res.lat_us.reserve(opts.messages);
     for m in 0..opts.messages {
-        let msg = make_message(&from, &opts.rcpt, &run, idx, m, &body);
+        let sender = match &opts.senders {
+            // Spread over the whole range: session and message pick different ones.
+            Some(p) => p.sender(idx.wrapping_mul(7919).wrapping_add(m.wrapping_mul(104_729))),
+            None => from.clone(),
+        };
+        let from = &sender;
+        let msg = make_message(from, &opts.rcpt, &run, idx, m, &body);
         let t = Instant::now();
         if res.first_send.is_none() {
             res.first_send = Some(t);
         }
-        match sess.transaction(&from, &opts.rcpt, &msg).await {
+        match sess.transaction(from, &opts.rcpt, &msg).await {
             Ok(TxOutcome::Accepted) => {
                 res.lat_us.push(t.elapsed().as_micros() as u64);
                 res.accepted += 1;

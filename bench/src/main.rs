@@ -60,6 +60,14 @@ enum Cmd {
         /// Skip AUTH (MAIL FROM is the mailbox login if given, else bench@bench.test).
         #[arg(long)]
         no_auth: bool,
+        /// Send as other addresses than the login (authorized accounts): `{i}` runs over
+        /// 1..=--sender-count, `{j}` is i % --sender-domains.
+        #[arg(long)]
+        sender_pattern: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        sender_count: usize,
+        #[arg(long, default_value_t = 1)]
+        sender_domains: usize,
         /// Print one JSON object on stdout (the table goes to stderr).
         #[arg(long)]
         json: bool,
@@ -74,6 +82,22 @@ enum Cmd {
         /// Testing aid: offer STARTTLS (self-signed) or implicit TLS, and accept any AUTH.
         #[arg(long, value_enum, default_value = "none")]
         tls: TlsMode,
+    },
+    /// Fill a stopped relay's store with verified external domains and their accounts
+    /// (for the scale run): `{prefix}{j}.ext.test` for j in 0..DOMAINS, accounts
+    /// `s{i}@{prefix}{i % DOMAINS}.ext.test` for i in 1..=ACCOUNTS, all for HOSTING.
+    Seed {
+        #[arg(long, default_value = "d")]
+        prefix: String,
+        /// The relay's store directory (`<data_dir>/store`); the relay must be stopped.
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        hosting: String,
+        #[arg(long)]
+        domains: usize,
+        #[arg(long)]
+        accounts: usize,
     },
     /// Draw the sweeps of `bench/run` (a TSV of `sweep x series y`) as one SVG.
     Plot {
@@ -172,6 +196,40 @@ fn mailboxes(
     Ok(Vec::new())
 }
 
+/// See [`Cmd::Seed`]. Domains are marked verified directly in the store: this measures
+/// the relay's lookups, not DNS.
+fn seed(
+    dir: &std::path::Path,
+    hosting: &str,
+    prefix: &str,
+    domains: usize,
+    accounts: usize,
+) -> Result<()> {
+    let store =
+        domauth_store::Store::open(dir).with_context(|| format!("open {}", dir.display()))?;
+    let now = chrono::Utc::now();
+    for j in 0..domains {
+        let domain = format!("{prefix}{j}.ext.test");
+        store
+            .add_domain(hosting, &domain, &format!("seed-token-{j}"))
+            .with_context(|| format!("add {domain}"))?;
+        store.update_domain(hosting, &domain, |d| {
+            d.status = domauth_store::DomainStatus::Verified;
+            d.verified_at = Some(now);
+            d.last_check = Some(now);
+        })?;
+    }
+    for i in 1..=accounts {
+        let address = format!("s{i}@{prefix}{}.ext.test", i % domains.max(1));
+        store
+            .add_account(hosting, &address)
+            .with_context(|| format!("add {address}"))?;
+    }
+    store.flush()?;
+    eprintln!("seeded {domains} verified domains and {accounts} accounts for {hosting}");
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -205,8 +263,16 @@ async fn real_main(cli: Cli) -> Result<()> {
             rcpt,
             no_auth,
             json,
+            sender_pattern,
+            sender_count,
+            sender_domains,
         } => {
             let server = client::parse_loopback(&server)?;
+            let senders = sender_pattern.map(|pattern| load::SenderPattern {
+                pattern,
+                count: sender_count,
+                domains: sender_domains,
+            });
             let mailboxes = mailboxes(list, mailbox_pattern, &password, mailbox_count)?;
             load::run(load::LoadOpts {
                 server,
@@ -218,6 +284,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                 rcpt,
                 no_auth,
                 json,
+                senders,
             })
             .await
         }
@@ -236,6 +303,13 @@ async fn real_main(cli: Cli) -> Result<()> {
             sink::run(listen, count_file, tls).await
         }
         Cmd::Plot { input, output } => plot::run(&input, &output),
+        Cmd::Seed {
+            prefix,
+            store,
+            hosting,
+            domains,
+            accounts,
+        } => seed(&store, &hosting, &prefix, domains, accounts),
         Cmd::Hold {
             server,
             tls,
