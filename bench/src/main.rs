@@ -98,6 +98,10 @@ enum Cmd {
         domains: usize,
         #[arg(long)]
         accounts: usize,
+        /// Leave the domains pending (for a verification pass) instead of verified;
+        /// their tokens are `seed-token-{j}`.
+        #[arg(long)]
+        pending: bool,
     },
     /// Draw the sweeps of `bench/run` (a TSV of `sweep x series y`) as one SVG.
     Plot {
@@ -204,6 +208,7 @@ fn seed(
     prefix: &str,
     domains: usize,
     accounts: usize,
+    pending: bool,
 ) -> Result<()> {
     let store =
         domauth_store::Store::open(dir).with_context(|| format!("open {}", dir.display()))?;
@@ -213,13 +218,16 @@ fn seed(
         store
             .add_domain(hosting, &domain, &format!("seed-token-{j}"))
             .with_context(|| format!("add {domain}"))?;
+        if pending {
+            continue;
+        }
         store.update_domain(hosting, &domain, |d| {
             d.status = domauth_store::DomainStatus::Verified;
             d.verified_at = Some(now);
             d.last_check = Some(now);
         })?;
     }
-    for i in 1..=accounts {
+    for i in (1..=accounts).filter(|_| !pending) {
         let address = format!("s{i}@{prefix}{}.ext.test", i % domains.max(1));
         store
             .add_account(hosting, &address)
@@ -309,7 +317,8 @@ async fn real_main(cli: Cli) -> Result<()> {
             hosting,
             domains,
             accounts,
-        } => seed(&store, &hosting, &prefix, domains, accounts),
+            pending,
+        } => seed(&store, &hosting, &prefix, domains, accounts, pending),
         Cmd::Hold {
             server,
             tls,
