@@ -554,6 +554,12 @@ mod tests {
         assert_eq!(c.queue.max_lifetime.get(), Duration::from_secs(5 * 86400));
         assert_eq!(c.limits.idle_timeout.get(), Duration::from_secs(300));
         assert_eq!(c.upstream.tls, UpstreamTls::None);
+        assert_eq!(c.queue.sync, domauth_store::SyncMethod::Syncfs);
+        assert_eq!(c.queue.dead_after, 3);
+        let fsync = Config::parse("[queue]\nsync = \"fsync\"").expect("fsync is a method");
+        assert_eq!(fsync.queue.sync, domauth_store::SyncMethod::Fsync);
+        let err = Config::parse("[queue]\nsync = \"sometimes\"").expect_err("unknown method");
+        assert!(err.contains("sync"), "{err}");
     }
 
     #[test]
