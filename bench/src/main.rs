@@ -227,14 +227,15 @@ fn seed(
             d.last_check = Some(now);
         })?;
     }
-    for i in (1..=accounts).filter(|_| !pending) {
+    for i in 1..=accounts {
         let address = format!("s{i}@{prefix}{}.ext.test", i % domains.max(1));
         store
             .add_account(hosting, &address)
             .with_context(|| format!("add {address}"))?;
     }
     store.flush()?;
-    eprintln!("seeded {domains} verified domains and {accounts} accounts for {hosting}");
+    let status = if pending { "pending" } else { "verified" };
+    eprintln!("seeded {domains} {status} domains and {accounts} accounts for {hosting}");
     Ok(())
 }
 
