@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{BIN, Relay, RelayConfig, SinkMessage, port_open, send_signal};
+use super::{Relay, RelayConfig, SinkMessage, port_open, send_signal};
 
 /// The configuration every fault test starts from: the harness's defaults
 /// (one place to change should the fault tests need other ones).
@@ -189,21 +189,7 @@ pub enum Launch {
 /// not a panic.
 pub fn try_launch(relay: &mut Relay) -> Launch {
     assert!(relay.child.is_none(), "the relay is still running");
-    std::fs::write(relay.config_path(), relay.config.render()).expect("write config");
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(relay.log_path())
-        .expect("log file");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(relay.config_path())
-        .current_dir(relay.dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start domauth");
+    let mut child = relay.spawn_serve();
     let socket = relay.dir.path().join("data/admin.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -345,14 +345,16 @@ impl Relay {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    fn launch(&mut self) {
+    /// Writes the config and starts `domauth serve`, its output appended to
+    /// the relay's log; does not wait for it to serve.
+    fn spawn_serve(&self) -> Child {
         std::fs::write(self.config_path(), self.config.render()).expect("write config");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(BIN)
+        Command::new(BIN)
             .args(["serve", "--config"])
             .arg(self.config_path())
             .current_dir(self.dir.path())
@@ -360,7 +362,11 @@ impl Relay {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("start domauth");
+            .expect("start domauth")
+    }
+
+    fn launch(&mut self) {
+        let child = self.spawn_serve();
         self.child = Some(child);
         let socket = self.dir.path().join("data/admin.sock");
         let deadline = Instant::now() + Duration::from_secs(30);
