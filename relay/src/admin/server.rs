@@ -334,6 +334,7 @@ async fn add_domain(
     let token =
         crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
+    s.verifier.track(&d);
     tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
     Ok(Json(domain_json(&s.verifier, &d)))
 }
