@@ -13,7 +13,7 @@ use std::{
 use domauth_store::{Queue, Store, StoreError};
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     signal::unix::{SignalKind, signal},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
@@ -200,8 +200,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         (&s.submissions, Listener::Submissions, "server.submissions"),
     ] {
         for addr in addrs {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = listen(*addr, l.max_connections)
                 .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
             tracing::info!(event = "listening", addr = %addr, listener = ?kind, "listening");
             accept_loops.push(tokio::spawn(accept_loop(
@@ -292,6 +291,25 @@ async fn wait_for_signal() -> Result<(), String> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// A listening socket whose accept queue holds a burst of `max_connections`
+/// clients. `TcpListener::bind` asks for 128, as std does: 500 clients
+/// connecting at once while both cores are busy with TLS handshakes overflowed
+/// it, and the kernel then completed those connections only at the fifth SYN-ACK
+/// retransmission, 31 s later (`nstat` TcpExtListenOverflows; bench/run's
+/// concurrency sweep saw it as sessions without a greeting). The kernel caps the
+/// value at `net.core.somaxconn` (4096 on current Linux).
+fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted relay can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections.clamp(128, 65_535)).unwrap_or(4096))
 }
 
 async fn accept_loop(
