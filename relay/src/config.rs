@@ -22,6 +22,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +243,22 @@ impl Default for LimitsConfig {
             auth_failure_delay: Dur(Duration::from_millis(1000)),
         }
     }
+}
+
+/// `[log]` (SPEC §10): `format = "text"` (one readable line an event) or
+/// `"json"` (one JSON object a line, for journald / Loki).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// A duration written as a humantime string (`"1s"`, `"5m"`, `"72h"`).
@@ -708,5 +725,18 @@ mod tests {
         let c = Config::parse("[verification]\ncheck_interval = \"1s\"\ngrace = \"72h\"").unwrap();
         assert_eq!(c.verification.check_interval.get(), Duration::from_secs(1));
         assert_eq!(c.verification.grace.get(), Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn log_format_and_the_packaged_config() {
+        assert_eq!(Config::parse("").unwrap().log.format, LogFormat::Text);
+        let c = Config::parse("[log]\nformat = \"json\"").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::parse("[log]\nformat = \"xml\"").expect_err("unknown format");
+        assert!(err.starts_with("log.format: "), "{err}");
+        // What the .deb installs as /etc/domauth/config.toml.
+        let deb = Config::parse(include_str!("../../dist/config.toml")).expect("dist/config.toml");
+        assert_eq!(deb.server.data_dir, Path::new("/var/lib/domauth"));
+        assert!(!deb.tls.self_signed);
     }
 }

@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     for (id, why) in &opened.damaged {
         tracing::error!(event = "message_held", id = %id, error = %why, "queued message damaged; held, see `domauth queue show`");
     }
-    let tls = tls::acceptor(&config.tls, &s.hostname)?;
+    let (tls, certs) = tls::reloadable_acceptor(&config.tls, &s.hostname)?;
     let dns = dns_checker(&config)?;
     let upstream = Upstream::from_config(&config)?;
 
@@ -213,6 +213,16 @@ pub async fn run(config: Config) -> Result<(), String> {
             )));
         }
     }
+    crate::reload::on_sighup(certs, shutdown.clone())?;
+    crate::notify::spawn(
+        crate::notify::StatusSource {
+            connections: connections.clone(),
+            max_connections: l.max_connections,
+            queue_dir: queue_dir.clone(),
+        },
+        shutdown.clone(),
+    );
+    crate::notify::ready();
     tracing::info!(
         event = "started",
         admin_socket = %s.admin_socket.display(),
@@ -221,6 +231,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
 
     wait_for_signal().await?;
+    crate::notify::stopping();
     tracing::info!(
         event = "shutdown",
         "stopping: no new connections; open sessions may finish"
