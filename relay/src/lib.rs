@@ -9,13 +9,15 @@
 //! Around them: `config`, `tls`, `server` (listeners, limits, shutdown),
 //! `verify` / `verify_dns` (DNS ownership proofs) and `admin` (the API on
 //! the Unix socket and the CLI's client). `main.rs` is only the CLI.
-//! `logsafe` escapes outside text on its way into the log.
+//! `logsafe` escapes outside text on its way into the log; `passwords`
+//! holds the password backends (`[auth] backend`) behind `smtp::auth`.
 
 pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
 pub mod logsafe;
+pub mod passwords;
 pub mod policy;
 pub mod queue;
 pub mod server;

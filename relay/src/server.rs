@@ -168,6 +168,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             window: l.auth_window.get(),
             failure_delay: l.auth_failure_delay.get(),
             cache_ttl: Duration::from_secs(300),
+            passwords: crate::passwords::Backend::from_config(&config.auth)?,
         },
     )?;
     let ctx = Arc::new(ConnContext {
