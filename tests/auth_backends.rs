@@ -266,6 +266,33 @@ fn dovecot_backend_logs_in_with_a_password_only_dovecot_knows() {
         "Dovecot checked the wrong password, with the client's IP:\n{}",
         dovecot.log()
     );
+    // `explain` finds the hosting by the login's domain too.
+    let own = relay.cli(
+        &[
+            "explain",
+            "--login",
+            "info@acme.test",
+            "--sender",
+            "info@acme.test",
+        ],
+        "",
+    );
+    assert_eq!(own.status.code(), Some(0), "{own:?}");
+    let lost = relay.cli(
+        &[
+            "explain",
+            "--login",
+            "lost@nohost.test",
+            "--sender",
+            "lost@nohost.test",
+        ],
+        "",
+    );
+    assert_eq!(lost.status.code(), Some(1), "{lost:?}");
+    assert!(
+        String::from_utf8_lossy(&lost.stdout).contains("belongs to no hosting"),
+        "{lost:?}"
+    );
     assert!(
         !relay.log().contains("dove-secret"),
         "no password in the log:\n{}",
@@ -451,6 +478,15 @@ fn passwd_file_backend_every_scheme_and_changes_while_running() {
         .run()
         .assert_code(23)
         .assert_contains("553 5.7.1");
+
+    let explain = |login: &str| relay.cli(&["explain", "--login", login, "--sender", login], "");
+    assert_eq!(explain("bare@acme.test").status.code(), Some(0));
+    let unknown = explain("nobody@acme.test");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stdout).contains("not in the passwd-file"),
+        "{unknown:?}"
+    );
 
     // Changed while running: a new mailbox, a new password for another.
     let changed = users.replace(

@@ -157,6 +157,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             verifier,
             queue,
             scheduler: queue_handle,
+            passwords: passwords.clone(),
         },
         shutdown.clone(),
     )

@@ -15,7 +15,13 @@ pub mod passwd_file;
 
 use std::sync::Arc;
 
-use crate::config::{AuthBackend, AuthConfig};
+use domauth_store::Store;
+
+use crate::{
+    config::{AuthBackend, AuthConfig},
+    policy::{self, Decision},
+    smtp::auth::login_key,
+};
 
 /// What a backend says about one login and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,5 +65,18 @@ impl Backend {
                 ))
             }
         })
+    }
+}
+
+/// `domauth explain` (and every face of it) for the configured backend.
+/// Blocking: a changed passwd-file is read here.
+pub fn explain(backend: &Backend, store: &Store, login: &str, sender: &str) -> Decision {
+    match backend {
+        Backend::Store => policy::explain(store, login, sender),
+        Backend::Dovecot(_) => policy::explain_external(store, login, sender, None),
+        Backend::PasswdFile(file) => {
+            let known = file.lookup(&login_key(login)).is_some();
+            policy::explain_external(store, login, sender, Some(known))
+        }
     }
 }
