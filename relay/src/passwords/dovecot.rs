@@ -603,6 +603,81 @@ mod tests {
         ));
     }
 
+    /// A fake Dovecot: answers the second request before the first, then
+    /// closes; the client matches answers by id and reconnects.
+    #[tokio::test]
+    async fn answers_are_matched_by_id_and_a_closed_connection_is_replaced() {
+        use tokio::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("auth-client");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (conn, _) = listener.accept().await.unwrap();
+                let (read, mut write) = conn.into_split();
+                let mut read = BufReader::new(read);
+                write
+                    .write_all(b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nSPID\t1\nCUID\t1\nCOOKIE\tab\nDONE\n")
+                    .await
+                    .unwrap();
+                let mut lines = Vec::new();
+                while lines.len() < 4 {
+                    lines.push(read_line(&mut read).await.unwrap().unwrap());
+                }
+                assert!(lines[0].starts_with("VERSION\t1\t"), "{lines:?}");
+                assert!(lines[1].starts_with("CPID\t"), "{lines:?}");
+                let id = |l: &str| l.split('\t').nth(1).unwrap().to_string();
+                let (first, second) = (id(&lines[2]), id(&lines[3]));
+                // Whichever request carried the good password gets OK.
+                let answer = |l: &str, i: &str| {
+                    if l.contains(
+                        &base64::engine::general_purpose::STANDARD.encode("\0a@b.test\0good"),
+                    ) {
+                        format!("OK\t{i}\tuser=a@b.test\n")
+                    } else {
+                        format!("FAIL\t{i}\tuser=a@b.test\n")
+                    }
+                };
+                write
+                    .write_all(answer(&lines[3], &second).as_bytes())
+                    .await
+                    .unwrap();
+                write
+                    .write_all(answer(&lines[2], &first).as_bytes())
+                    .await
+                    .unwrap();
+                // Then the connection ends (a Dovecot restart).
+            }
+        });
+        let client = Arc::new(DovecotClient::new(socket, Duration::from_secs(30)));
+        // The pool spreads requests over its slots; both go over slot 0 here.
+        let conn = client.connection(0).await.unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let (bad, good) = tokio::join!(
+            conn.request("a@b.test", "bad", ip),
+            conn.request("a@b.test", "good", ip)
+        );
+        assert!(matches!(bad, Ok(ServerLine::Fail { .. })), "{bad:?}");
+        assert!(matches!(good, Ok(ServerLine::Ok { .. })), "{good:?}");
+        // The server closed that connection: slot 0 opens a new one.
+        for _ in 0..100 {
+            if conn.closed.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(conn.closed.load(Ordering::Acquire));
+        let again = client.connection(0).await.unwrap();
+        assert!(!Arc::ptr_eq(&conn, &again));
+        let (bad, good) = tokio::join!(
+            again.request("a@b.test", "bad", ip),
+            again.request("a@b.test", "good", ip)
+        );
+        assert!(matches!(bad, Ok(ServerLine::Fail { .. })), "{bad:?}");
+        assert!(matches!(good, Ok(ServerLine::Ok { .. })), "{good:?}");
+        server.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_missing_socket_is_unavailable_at_once() {
         let dir = tempfile::tempdir().unwrap();

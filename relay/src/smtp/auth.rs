@@ -3,6 +3,10 @@
 //! and per login, 454 past the threshold) and a cache of recent successful
 //! logins so a busy client does not pay Argon2 on every session (as Dovecot's
 //! auth cache does).
+//!
+//! The password itself is checked by the configured backend (`crate::passwords`:
+//! the store's mailboxes here, Dovecot, or a passwd-file); the limiter, the
+//! failure delay and the hosting-by-domain rule are applied here for all.
 
 use std::{
     collections::HashMap,
