@@ -374,8 +374,8 @@ fn a_silent_dovecot_times_out_with_454() {
 #[test]
 fn a_good_login_is_not_stuck_behind_a_delayed_failure() {
     let users = passwd_line("info@acme.test", &doveadm_pw("SHA512-CRYPT", "dove-secret"));
-    // Dovecot holds every failure for 15 s before answering.
-    let dovecot = Dovecot::start(&users, "auth_failure_delay = 15s");
+    // Dovecot holds every failure for 20 s before answering (swaks gives up at 30 s).
+    let dovecot = Dovecot::start(&users, "auth_failure_delay = 20s");
     let relay = Relay::start_with(relay_config(
         free_port(),
         &[
