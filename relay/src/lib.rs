@@ -9,8 +9,10 @@
 //! Around them: `config`, `tls`, `server` (listeners, limits, shutdown),
 //! `verify` / `verify_dns` (DNS ownership proofs) and `admin` (the API on
 //! the Unix socket and the CLI's client). `main.rs` is only the CLI.
-//! `logsafe` escapes outside text on its way into the log. `notify` (systemd)
-//! and `reload` (SIGHUP) are the operations side that `server` wires up.
+//! `logsafe` escapes outside text on its way into the log; `passwords`
+//! holds the password backends (`[auth] backend`) behind `smtp::auth`.
+//! `notify` (systemd) and `reload` (SIGHUP) are the operations side that
+//! `server` wires up.
 
 pub mod admin;
 pub mod bounce;
@@ -18,6 +20,7 @@ pub mod cleanup;
 pub mod config;
 pub mod logsafe;
 pub mod notify;
+pub mod passwords;
 pub mod policy;
 pub mod queue;
 pub mod reload;

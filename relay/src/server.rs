@@ -78,6 +78,8 @@ impl Drop for IpSlot {
 
 pub async fn run(config: Config) -> Result<(), String> {
     let s = &config.server;
+    // Before anything starts: a passwd-file that cannot be read stops start-up.
+    let passwords = crate::passwords::Backend::from_config(&config.auth)?;
     std::fs::create_dir_all(&s.data_dir).map_err(|e| {
         format!(
             "server.data_dir: cannot create {}: {e}",
@@ -155,6 +157,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             verifier,
             queue,
             scheduler: queue_handle,
+            passwords: passwords.clone(),
         },
         shutdown.clone(),
     )
@@ -168,6 +171,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             window: l.auth_window.get(),
             failure_delay: l.auth_failure_delay.get(),
             cache_ttl: Duration::from_secs(300),
+            passwords,
         },
     )?;
     let ctx = Arc::new(ConnContext {

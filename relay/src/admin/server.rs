@@ -21,9 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::watch};
 
-use crate::{
-    logsafe::Escaped, policy, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier,
-};
+use crate::{logsafe::Escaped, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -33,6 +31,8 @@ pub struct AdminState {
     /// `retry` and `delete`).
     pub queue: Queue,
     pub scheduler: QueueHandle,
+    /// Where passwords come from: `explain` finds the login's hosting by it.
+    pub passwords: crate::passwords::Backend,
 }
 
 /// An error for the CLI: HTTP status plus one line of text.
@@ -509,6 +509,6 @@ struct ExplainQuery {
 }
 
 async fn explain(State(s): State<AdminState>, Query(q): Query<ExplainQuery>) -> ApiResult {
-    let d = policy::explain(&s.store, &q.login, &q.sender);
+    let d = crate::passwords::explain(&s.passwords, &s.store, &q.login, &q.sender);
     Ok(Json(json!({ "allowed": d.allowed, "reason": d.reason })))
 }
