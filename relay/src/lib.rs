@@ -15,6 +15,7 @@ pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
+pub mod dsn;
 pub mod logsafe;
 pub mod policy;
 pub mod queue;

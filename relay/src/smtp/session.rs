@@ -6,7 +6,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use domauth_store::normalize_address;
+use domauth_store::{DsnParams, RecipientDsn, normalize_address};
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
     MAIL_SMTPUTF8, Request,
@@ -38,6 +38,8 @@ pub struct Envelope {
     pub smtputf8: bool,
     /// `BODY=8BITMIME` (RFC 6152): declared again when the message goes upstream.
     pub eight_bit: bool,
+    /// RET, ENVID and each recipient's NOTIFY / ORCPT (RFC 3461).
+    pub dsn: DsnParams,
 }
 
 /// What the socket side needs to receive a message, taken at the 354.
@@ -206,8 +208,16 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response.as_ref()),
-            Request::Mail { from } => self.mail(from.address.as_ref(), from.flags, from.size),
-            Request::Rcpt { to } => self.rcpt(to.address.as_ref()),
+            Request::Mail { from } => {
+                match crate::dsn::mail_params(from.flags, from.env_id.as_deref()) {
+                    Ok(dsn) => self.mail(from.address.as_ref(), from.flags, from.size, dsn),
+                    Err(e) => Action::Reply(reply::dsn_parameter_invalid(e.param, e.why)),
+                }
+            }
+            Request::Rcpt { to } => match crate::dsn::rcpt_params(to.flags, to.orcpt.as_deref()) {
+                Ok((notify, orcpt)) => self.rcpt(to.address.as_ref(), notify, orcpt),
+                Err(e) => Action::Reply(reply::dsn_parameter_invalid(e.param, e.why)),
+            },
             Request::Data => self.data(),
             Request::Rset => {
                 self.envelope = None;
@@ -245,6 +255,9 @@ impl Session {
         if self.config.smtputf8 {
             ext.push("SMTPUTF8".to_string());
         }
+        // RFC 3461: RET/ENVID/NOTIFY/ORCPT are always accepted; they go to a smarthost
+        // that offers DSN, and the relay honours them itself otherwise.
+        ext.push("DSN".to_string());
         Action::Reply(reply::ehlo(
             &self.config.hostname,
             self.helo.as_deref().unwrap_or(""),
@@ -359,7 +372,7 @@ impl Session {
         self.count_errors(action)
     }
 
-    fn mail(&mut self, address: &str, flags: u64, size: usize) -> Action {
+    fn mail(&mut self, address: &str, flags: u64, size: usize, dsn: DsnParams) -> Action {
         // RFC 4954 §6 / SPEC §4: 530 before anything else when not logged in.
         let Some(login) = &self.login else {
             return Action::Reply(reply::auth_required());
@@ -410,11 +423,17 @@ impl Session {
             recipients: Vec::new(),
             smtputf8,
             eight_bit: flags & MAIL_BODY_8BITMIME != 0,
+            dsn,
         });
         Action::Reply(reply::sender_ok())
     }
 
-    fn rcpt(&mut self, address: &str) -> Action {
+    fn rcpt(
+        &mut self,
+        address: &str,
+        notify: Option<domauth_store::DsnNotify>,
+        orcpt: Option<String>,
+    ) -> Action {
         let max = self.config.max_recipients;
         let Some(envelope) = &mut self.envelope else {
             return Action::Reply(reply::need_mail());
@@ -436,6 +455,13 @@ impl Session {
             .iter()
             .any(|r| r.eq_ignore_ascii_case(&address))
         {
+            if notify.is_some() || orcpt.is_some() {
+                envelope.dsn.recipients.push(RecipientDsn {
+                    address: address.clone(),
+                    notify,
+                    orcpt,
+                });
+            }
             envelope.recipients.push(address);
         }
         Action::Reply(reply::recipient_ok())
