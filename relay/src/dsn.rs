@@ -246,9 +246,14 @@ mod tests {
             ok("RCPT TO:<x@y.test> ORCPT=rfc822;a+0Ab@c").map_err(|e| e.param),
             Err("ORCPT")
         );
+        // smtp-proto lets NEVER before another keyword through; refused here.
+        assert_eq!(
+            ok("RCPT TO:<x@y.test> NOTIFY=NEVER,SUCCESS").map_err(|e| e.param),
+            Err("NOTIFY")
+        );
         // What the parser itself refuses (reply 501 5.5.4 through the session).
         for line in [
-            "RCPT TO:<x@y.test> NOTIFY=NEVER,SUCCESS",
+            "RCPT TO:<x@y.test> NOTIFY=FAILURE,NEVER",
             "RCPT TO:<x@y.test> NOTIFY=SOMETIMES",
             "RCPT TO:<x@y.test> ORCPT=utf-8;x@y",
             "RCPT TO:<x@y.test> ORCPT=rfc822;",

@@ -986,6 +986,7 @@ mod tests {
             is_bounce: false,
             body: BodyType::EightBitMime,
             smtputf8: false,
+            dsn: Default::default(),
         }
     }
 
@@ -999,6 +1000,41 @@ mod tests {
 
     fn open(dir: &Path) -> (Queue, OpenReport) {
         Queue::open(dir, SyncMethod::Syncfs).unwrap()
+    }
+
+    #[test]
+    fn envelopes_without_dsn_fields_load_and_dsn_fields_round_trip() {
+        let old = r#"{"id":"Q1","from":"a@b.example","recipients":["c@d.example"],"received_at":"2026-01-01T00:00:00Z","login":null}"#;
+        let e: Envelope = serde_json::from_str(old).unwrap();
+        assert!(e.dsn.is_empty());
+        assert!(!serde_json::to_string(&e).unwrap().contains("dsn"));
+        let st: QueueRecipient = serde_json::from_str(
+            r#"{"address":"c@d.example","status":"delivered","last_reply":null}"#,
+        )
+        .unwrap();
+        assert!(!st.relayed && !st.bounced);
+
+        let mut e = e;
+        e.dsn.ret = Some(DsnRet::Hdrs);
+        e.dsn.envid = Some("id 1".into());
+        e.dsn.recipients.push(RecipientDsn {
+            address: "c@d.example".into(),
+            notify: Some(DsnNotify::try_from("failure,success".to_string()).unwrap()),
+            orcpt: Some("C@d.example".into()),
+        });
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["dsn"]["ret"], "HDRS");
+        assert_eq!(json["dsn"]["recipients"][0]["notify"], "SUCCESS,FAILURE");
+        let back: Envelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(
+            back.dsn.notify("C@D.example").map(|n| n.failure),
+            Some(true)
+        );
+        for bad in ["NEVER,SUCCESS", "SOMETIMES", ""] {
+            assert!(DsnNotify::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+        assert!(DsnNotify::try_from("never".to_string()).unwrap().is_never());
     }
 
     #[test]

@@ -708,6 +708,72 @@ mod tests {
     }
 
     #[test]
+    fn dsn_parameters_are_kept_or_refused() {
+        let t = text(&send(&mut session(Listener::Submission), "EHLO c"));
+        assert!(t.contains("DSN"), "{t}");
+        let mut s = logged_in();
+        let a = send(
+            &mut s,
+            "MAIL FROM:<info@acme.test> RET=HDRS ENVID=QQ+2B1+20x",
+        );
+        assert_eq!(code(&a), 250, "{}", text(&a));
+        for line in [
+            "RCPT TO:<a@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2Bx@Dest.test",
+            "RCPT TO:<A@dest.test> NOTIFY=DELAY",
+            "RCPT TO:<b@dest.test> NOTIFY=NEVER",
+        ] {
+            assert_eq!(code(&send(&mut s, line)), 250, "{line}");
+        }
+        let start = s.message_start().unwrap();
+        let dsn = &start.envelope.dsn;
+        assert_eq!(dsn.ret, Some(domauth_store::DsnRet::Hdrs));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ+1 x"));
+        assert_eq!(
+            dsn.notify("a@dest.test").map(|n| n.to_string()).as_deref(),
+            Some("SUCCESS,FAILURE"),
+            "a duplicate recipient keeps its first parameters"
+        );
+        assert_eq!(
+            dsn.recipient("a@dest.test").unwrap().orcpt.as_deref(),
+            Some("A+x@Dest.test")
+        );
+        assert!(dsn.notify("b@dest.test").unwrap().is_never());
+        assert_eq!(dsn.recipients.len(), 2);
+        assert_eq!(start.envelope.recipients.len(), 2);
+
+        for (line, reply) in [
+            (
+                "MAIL FROM:<info@acme.test> RET=HDRS RET=FULL",
+                "501 5.5.4 Invalid RET parameter: given twice",
+            ),
+            (
+                "MAIL FROM:<info@acme.test> ENVID=a+0D+0AX:+20y",
+                "501 5.5.4 Invalid ENVID parameter: must be printable US-ASCII",
+            ),
+            (
+                "MAIL FROM:<info@acme.test> RET=SOME",
+                "501 5.5.4 Syntax error: invalid parameter RET",
+            ),
+        ] {
+            let mut s = logged_in();
+            assert_eq!(text(&send(&mut s, line)), reply, "{line}");
+        }
+        for (line, expect) in [
+            ("RCPT TO:<a@dest.test> NOTIFY=NEVER,SUCCESS", 501),
+            ("RCPT TO:<a@dest.test> NOTIFY=OFTEN", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=rfc822;", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=x400;a", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=rfc822;a+0Ab", 501),
+        ] {
+            let mut s = logged_in();
+            send(&mut s, "MAIL FROM:<info@acme.test>");
+            let a = send(&mut s, line);
+            assert_eq!(code(&a), expect, "{line}: {}", text(&a));
+            assert!(text(&a).starts_with("501 5.5.4"), "{line}: {}", text(&a));
+        }
+    }
+
+    #[test]
     fn transaction_table_after_auth() {
         let cases: &[(&[&str], &str, u16)] = &[
             (&[], "MAIL FROM:<info@acme.test>", 250),
