@@ -95,9 +95,9 @@ pub fn build(
     }
     if !relayed.is_empty() {
         m.push_str(
-            "Your message was relayed to the recipients below by a mail\r\n\
-             server that does not send delivery notifications; no further\r\n\
-             notices will be sent for them.\r\n\r\n",
+            "Your message was relayed for the recipients below to a mail\r\n\
+             server that does not send delivery notifications: it left this\r\n\
+             system, and no further notice will come for them.\r\n\r\n",
         );
         for r in &relayed {
             m.push_str(&format!("<{}>: {}\r\n", r.address, one_line(r.diagnostic)));

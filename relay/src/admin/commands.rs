@@ -476,6 +476,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                         s(r, "last_reply")
                     );
                 }
+                if v["dsn"].as_object().is_some_and(|o| !o.is_empty()) {
+                    println!("{:13} {}", "dsn", v["dsn"]);
+                }
             }
         }
         QueueRetry { id } => {

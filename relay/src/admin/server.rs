@@ -208,6 +208,8 @@ fn queue_json(m: &QueuedMessage) -> Value {
         "bounce": e.is_bounce,
         "body": e.body,
         "smtputf8": e.smtputf8,
+        // RFC 3461 parameters as given (RET, ENVID, NOTIFY/ORCPT per recipient).
+        "dsn": e.dsn,
     })
 }
 
