@@ -1110,6 +1110,52 @@ mod tests {
         assert!(s.due.is_empty());
     }
 
+    #[test]
+    fn which_recipients_are_owed_a_notice() {
+        let mut envelope = Envelope {
+            id: "Q".into(),
+            from: "a@b.test".into(),
+            recipients: vec!["x@d.test".into(), "y@d.test".into()],
+            received_at: Utc::now(),
+            login: None,
+            is_bounce: false,
+            body: Default::default(),
+            smtputf8: false,
+            dsn: Default::default(),
+        };
+        envelope.dsn.recipients.push(domauth_store::RecipientDsn {
+            address: "x@d.test".into(),
+            notify: Some(domauth_store::DsnNotify {
+                success: true,
+                failure: false,
+                delay: false,
+            }),
+            orcpt: None,
+        });
+        let r = |address: &str, status, relayed| QueueRecipient {
+            address: address.into(),
+            status,
+            last_reply: None,
+            bounced: false,
+            relayed,
+        };
+        use RecipientStatus::*;
+        for (rcpt, owed) in [
+            // NOTIFY=SUCCESS: a notice once a smarthost without DSN took it.
+            (r("x@d.test", Delivered, true), true),
+            (r("x@d.test", Delivered, false), false),
+            (r("x@d.test", Pending, true), false),
+            // A failure is always settled through the bounce step (which then
+            // leaves out those whose NOTIFY excludes FAILURE).
+            (r("x@d.test", Failed, false), true),
+            // No NOTIFY: no success notice.
+            (r("y@d.test", Delivered, true), false),
+            (r("y@d.test", Failed, false), true),
+        ] {
+            assert_eq!(owes_notice(&envelope, &rcpt), owed, "{rcpt:?}");
+        }
+    }
+
     #[tokio::test]
     async fn expired_parked_messages_are_found() {
         let mut s = Schedule::default();
