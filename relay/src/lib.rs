@@ -18,6 +18,7 @@ pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
+pub mod dsn;
 pub mod logsafe;
 pub mod notify;
 pub mod passwords;

@@ -128,11 +128,15 @@ enum DomainCmd {
 
 #[derive(Subcommand)]
 enum AccountCmd {
+    /// `'*@DOMAIN'` grants every address of the domain.
     Add {
         #[arg(required = true)]
         addresses: Vec<String>,
         #[arg(long)]
         hosting: String,
+        /// Only this mailbox of the hosting may use the account (repeatable).
+        #[arg(long = "mailbox")]
+        mailboxes: Vec<String>,
     },
     List {
         #[arg(long)]
@@ -186,7 +190,15 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
             },
         },
         Cmd::Account(c) => match c {
-            AccountCmd::Add { addresses, hosting } => Admin::AccountAdd { addresses, hosting },
+            AccountCmd::Add {
+                addresses,
+                hosting,
+                mailboxes,
+            } => Admin::AccountAdd {
+                addresses,
+                hosting,
+                mailboxes,
+            },
             AccountCmd::List { hosting, domain } => Admin::AccountList { hosting, domain },
             AccountCmd::Delete { address, hosting } => Admin::AccountDelete { address, hosting },
         },

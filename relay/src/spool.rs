@@ -115,6 +115,7 @@ impl Spool {
                 BodyType::SevenBit
             },
             smtputf8: start.envelope.smtputf8,
+            dsn: start.envelope.dsn,
         };
         let writer = self.queue.writer(&envelope)?;
         Ok(IncomingMessage {

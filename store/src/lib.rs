@@ -48,7 +48,7 @@ mod mailbox;
 mod names;
 mod queue;
 
-pub use account::AuthorizedAccount;
+pub use account::{AuthorizedAccount, wildcard_address};
 pub use chrono::{DateTime, Utc};
 pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
@@ -58,6 +58,7 @@ pub use queue::{
     BodyType, DeliveryState, Envelope, MessageReader, MessageWriter, OpenReport, Queue,
     QueueRecipient, QueuedMessage, QueuedSummary, RecipientStatus, SyncMethod, is_disk_full,
 };
+pub use queue::{DsnNotify, DsnParams, DsnRet, RecipientDsn};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

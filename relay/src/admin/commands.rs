@@ -55,6 +55,7 @@ pub enum Command {
     AccountAdd {
         addresses: Vec<String>,
         hosting: String,
+        mailboxes: Vec<String>,
     },
     AccountList {
         hosting: String,
@@ -371,19 +372,19 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 );
             }
         }
-        AccountAdd { addresses, hosting } => {
+        AccountAdd {
+            addresses,
+            hosting,
+            mailboxes,
+        } => {
             let path = format!("/hostings/{}/accounts", segment(&hosting));
-            let v = client
-                .call(Method::POST, &path, Some(json!({ "addresses": addresses })))
-                .await?;
+            let body = json!({ "addresses": addresses, "mailboxes": mailboxes });
+            let v = client.call(Method::POST, &path, Some(body)).await?;
             if as_json {
                 print_json(&v);
             } else {
                 for a in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{} may now be used as sender by every mailbox of {hosting}",
-                        s(a, "address")
-                    );
+                    println!("{}", account_granted(a, &hosting));
                 }
             }
         }
@@ -397,7 +398,12 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 print_json(&v);
             } else {
                 for a in v.as_array().into_iter().flatten() {
-                    println!("{}\t{}", s(a, "address"), s(a, "created_at"));
+                    println!(
+                        "{}\t{}\t{}",
+                        s(a, "address"),
+                        s(a, "created_at"),
+                        account_scope(a)
+                    );
                 }
             }
         }
@@ -470,6 +476,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                         s(r, "last_reply")
                     );
                 }
+                if v["dsn"].as_object().is_some_and(|o| !o.is_empty()) {
+                    println!("{:13} {}", "dsn", v["dsn"]);
+                }
             }
         }
         QueueRetry { id } => {
@@ -523,4 +532,46 @@ fn join(v: &Value) -> String {
         .filter_map(Value::as_str)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Who may use an account (SPEC §9 wider grants), from its JSON.
+fn account_scope(a: &Value) -> String {
+    let mailboxes: Vec<&str> = a["mailboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let who = if mailboxes.is_empty() {
+        "every mailbox".to_string()
+    } else {
+        format!("only {}", mailboxes.join(", "))
+    };
+    if a["wildcard"] == true {
+        format!("whole domain {}, {who}", s(a, "domain"))
+    } else {
+        who
+    }
+}
+
+fn account_granted(a: &Value, hosting: &str) -> String {
+    let mailboxes: Vec<&str> = a["mailboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let what = if a["wildcard"] == true {
+        format!("every address of {}", s(a, "domain"))
+    } else {
+        s(a, "address")
+    };
+    if mailboxes.is_empty() {
+        format!("{what} may now be used as sender by every mailbox of {hosting}")
+    } else {
+        format!(
+            "{what} may now be used as sender by {} (hosting {hosting})",
+            mailboxes.join(", ")
+        )
+    }
 }

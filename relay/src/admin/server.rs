@@ -163,7 +163,16 @@ fn mailbox_json(m: &Mailbox) -> Value {
 }
 
 fn account_json(a: &AuthorizedAccount) -> Value {
-    json!({ "address": a.address, "domain": a.domain, "hosting": a.hosting, "created_at": ts(Some(a.created_at)) })
+    let mut v = json!({ "address": a.address, "domain": a.domain, "hosting": a.hosting, "created_at": ts(Some(a.created_at)) });
+    // SPEC §9 wider grants: `mailboxes` only when restricted; `*@domain` is the
+    // whole-domain grant.
+    if !a.mailboxes.is_empty() {
+        v["mailboxes"] = json!(a.mailboxes);
+    }
+    if a.is_wildcard() {
+        v["wildcard"] = json!(true);
+    }
+    v
 }
 
 fn domain_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
@@ -199,6 +208,8 @@ fn queue_json(m: &QueuedMessage) -> Value {
         "bounce": e.is_bounce,
         "body": e.body,
         "smtputf8": e.smtputf8,
+        // RFC 3461 parameters as given (RET, ENVID, NOTIFY/ORCPT per recipient).
+        "dsn": e.dsn,
     })
 }
 
@@ -401,6 +412,9 @@ async fn delete_domain(
 #[derive(Deserialize)]
 struct NewAccounts {
     addresses: Vec<String>,
+    /// Restricts the new accounts to these mailboxes of the hosting (SPEC §9).
+    #[serde(default)]
+    mailboxes: Vec<String>,
 }
 
 /// Adds each address; stops at the first refusal and reports which ones
@@ -415,7 +429,10 @@ async fn add_accounts(
     }
     let mut added = Vec::new();
     for address in &req.addresses {
-        match s.store.add_account(&hosting, address) {
+        match s
+            .store
+            .add_account_restricted(&hosting, address, &req.mailboxes)
+        {
             Ok(a) => {
                 tracing::info!(event = "account_added", hosting = %Escaped(&hosting), account = %Escaped(&a.address), "admin");
                 added.push(account_json(&a));
