@@ -22,6 +22,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub deliverability: DeliverabilityConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +153,25 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+        }
+    }
+}
+
+/// SPEC §9: signing of authorized domains' mail and SPF advice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverabilityConfig {
+    /// Sign mail of authorized domains whose DKIM record is verified.
+    pub dkim: bool,
+    /// The SPF include that covers the relay (`_spf.hosting.example`); empty: no advice.
+    pub spf_include: String,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            dkim: true,
+            spf_include: String::new(),
         }
     }
 }
@@ -405,6 +425,12 @@ impl Config {
             return Err("limits.auth_failures: must be at least 1".into());
         }
         positive("limits.auth_window", l.auth_window)?;
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && domauth_store::normalize_domain(include).is_err() {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         Ok(())
     }
 

@@ -15,6 +15,8 @@ pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
+pub mod dkim;
+pub mod dkim_keys;
 pub mod logsafe;
 pub mod policy;
 pub mod queue;

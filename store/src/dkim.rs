@@ -123,13 +123,15 @@ impl Store {
     /// Appends a new generation of keys (the first at `domain add`, the next at a
     /// rotation). `Ok(None)`: the domain is not (or no longer) an authorized domain of the
     /// hosting, and nothing was stored. `only_if_none`: store it only when the domain has
-    /// no keys yet (first start after an upgrade, racing a `domain add`).
+    /// no keys yet (first start after an upgrade, racing a `domain add`). The store
+    /// numbers the generation; `selectors` names the set's selectors after that number.
     pub fn add_dkim_keys(
         &self,
         hosting: &str,
         domain: &str,
         mut set: DkimKeySet,
         only_if_none: bool,
+        selectors: impl Fn(u32) -> (String, String),
     ) -> Result<Option<DomainDkim>> {
         let domain = normalize_domain(domain)?;
         let hosting = hosting_key(hosting);
@@ -151,6 +153,7 @@ impl Store {
                 return Ok(Some(record));
             }
             set.generation = record.keys.last().map_or(1, |k| k.generation + 1);
+            (set.ed25519_selector, set.rsa_selector) = selectors(set.generation);
             record.keys.push(set.clone());
             let new = encode(&record);
             if self
@@ -229,6 +232,10 @@ mod tests {
         }
     }
 
+    fn sel(g: u32) -> (String, String) {
+        (format!("s{g}e"), format!("s{g}r"))
+    }
+
     #[test]
     fn generations_rotation_and_delete() {
         let (_dir, store) = store();
@@ -238,20 +245,20 @@ mod tests {
         // No domain: nothing stored.
         assert_eq!(
             store
-                .add_dkim_keys("acme", "partner.example", set("a"), false)
+                .add_dkim_keys("acme", "partner.example", set("a"), false, sel)
                 .unwrap(),
             None
         );
         store.add_domain("acme", "partner.example", "tok").unwrap();
         let d = store
-            .add_dkim_keys("acme", "Partner.Example", set("a"), false)
+            .add_dkim_keys("acme", "Partner.Example", set("a"), false, sel)
             .unwrap()
             .unwrap();
         assert_eq!(d.keys[0].generation, 1);
         assert!(d.signing().is_none());
         // only_if_none keeps what is there.
         let d = store
-            .add_dkim_keys("acme", "partner.example", set("x"), true)
+            .add_dkim_keys("acme", "partner.example", set("x"), true, sel)
             .unwrap()
             .unwrap();
         assert_eq!(d.keys.len(), 1);
@@ -261,11 +268,12 @@ mod tests {
             })
             .unwrap();
         let d = store
-            .add_dkim_keys("acme", "partner.example", set("b"), false)
+            .add_dkim_keys("acme", "partner.example", set("b"), false, sel)
             .unwrap()
             .unwrap();
         assert_eq!(d.current().unwrap().generation, 2);
-        assert_eq!(d.signing().unwrap().ed25519_selector, "ae");
+        assert_eq!(d.signing().unwrap().ed25519_selector, "s1e");
+        assert_eq!(d.current().unwrap().rsa_selector, "s2r");
         assert_eq!(store.all_dkim().unwrap().len(), 1);
         let debug = format!("{:?}", d);
         assert!(!debug.contains("SECRET"), "{debug}");
