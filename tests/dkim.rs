@@ -489,3 +489,35 @@ fn rotation_signs_with_the_old_keys_until_the_new_records_are_verified() {
     );
     assert!(text.contains("255 bytes"), "{text}");
 }
+
+#[test]
+fn domains_without_keys_get_them_at_start() {
+    let mut env = Env::start(|_| {});
+    env.authorize();
+    // As a domain added before this version: its keys gone from the store.
+    env.relay.stop();
+    {
+        let store = domauth_store::Store::open(&env.relay.dir.path().join("data/store"))
+            .expect("open the stopped relay's store");
+        store.delete_dkim("acme", PARTNER).expect("delete keys");
+        store.flush().expect("flush");
+    }
+    env.relay.restart();
+    let deadline = std::time::Instant::now() + WAIT;
+    let dkim = loop {
+        let v = env.show();
+        if !records(&v["dkim"]).is_empty() {
+            break v["dkim"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no keys made: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        records(&dkim)[0]["name"],
+        "domauth1e._domainkey.partner.example"
+    );
+    env.publish_dkim(&dkim);
+    assert_eq!(env.verify()["dkim"]["status"], "verified");
+    let m = env.send(SENDER, "backfilled", b"hello\r\n");
+    assert_mail_auth_pass(env.dns.addr(), &m.data, ("domauth1e", "domauth1r"));
+}

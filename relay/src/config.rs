@@ -611,6 +611,11 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
+            (
+                "[deliverability]\nspf_include = \"a..b\"",
+                "deliverability.spf_include",
+            ),
+            ("[deliverability]\ndkim = \"yes\"", "dkim"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.

@@ -79,7 +79,9 @@ impl BodyHash {
 
 /// A key set's private keys, parsed once.
 struct LoadedKeys {
-    generation: u32,
+    /// Which stored set these are (a domain deleted and added again starts over at
+    /// generation 1 with other keys).
+    rsa_public: String,
     ed25519_selector: String,
     rsa_selector: String,
     ed25519: Ed25519Key,
@@ -102,7 +104,7 @@ impl LoadedKeys {
         )))
         .map_err(|e| format!("RSA key of {}: {e}", set.rsa_selector))?;
         Ok(LoadedKeys {
-            generation: set.generation,
+            rsa_public: set.rsa_public.clone(),
             ed25519_selector: set.ed25519_selector.clone(),
             rsa_selector: set.rsa_selector.clone(),
             ed25519,
@@ -305,7 +307,7 @@ impl Signer {
     ) -> Result<Arc<LoadedKeys>, String> {
         let key = (hosting.to_string(), domain.to_string());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = cache.get(&key).filter(|k| k.generation == set.generation) {
+        if let Some(k) = cache.get(&key).filter(|k| k.rsa_public == set.rsa_public) {
             return Ok(k.clone());
         }
         let loaded = Arc::new(LoadedKeys::load(set)?);
