@@ -230,15 +230,19 @@ impl Signer {
         })
     }
 
-    /// `headers`: the message's header block as it will be queued (the relay's trace
-    /// fields, then the client's, ending with the empty line); `body_hash` from
-    /// [`BodyHash`]. `Ok(None)`: not a message to sign. Blocking (store reads, RSA).
-    pub fn sign(
+    /// Whether a message from `login` with this header block would be signed now: decided
+    /// when the header block is complete, so the body of a message that will not be
+    /// signed (most of them) is not hashed. [`Signer::sign`] decides again at the end.
+    pub fn wants(&self, login: &str, headers: &[u8]) -> bool {
+        matches!(self.signing_set(login, headers), Ok(Some(_)))
+    }
+
+    /// The From domain, the hosting and the key set that signs, if any.
+    fn signing_set(
         &self,
         login: &str,
         headers: &[u8],
-        body_hash: &[u8],
-    ) -> Result<Option<Signed>, String> {
+    ) -> Result<Option<(String, String, DkimKeySet)>, String> {
         let Some(from_domain) = from_domain(headers) else {
             return Ok(None);
         };
@@ -261,10 +265,25 @@ impl Signer {
         let Some(dkim) = self.store.dkim(&hosting, &from_domain).map_err(err)? else {
             return Ok(None);
         };
-        let Some(set) = dkim.signing() else {
+        Ok(dkim
+            .signing()
+            .cloned()
+            .map(|set| (from_domain, hosting, set)))
+    }
+
+    /// `headers`: the message's header block as it will be queued (the relay's trace
+    /// fields, then the client's, ending with the empty line); `body_hash` from
+    /// [`BodyHash`]. `Ok(None)`: not a message to sign. Blocking (store reads, RSA).
+    pub fn sign(
+        &self,
+        login: &str,
+        headers: &[u8],
+        body_hash: &[u8],
+    ) -> Result<Option<Signed>, String> {
+        let Some((from_domain, hosting, set)) = self.signing_set(login, headers)? else {
             return Ok(None);
         };
-        let keys = self.keys(&hosting, &from_domain, set)?;
+        let keys = self.keys(&hosting, &from_domain, &set)?;
         let section = headers.strip_suffix(b"\r\n").unwrap_or(headers);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -137,7 +137,8 @@ impl Spool {
             size: 0,
             hostname: hostname.to_string(),
             trace: Vec::new(),
-            body_hash: self.dkim.as_ref().map(|_| BodyHash::default()),
+            signer: self.dkim.clone(),
+            body_hash: None,
             login: envelope.login.clone().unwrap_or_default(),
             from: envelope.from.clone(),
             helo: start.helo,
@@ -259,6 +260,8 @@ pub struct IncomingMessage {
     hostname: String,
     /// The relay's trace fields put in front of the header block (they are signed too).
     trace: Vec<u8>,
+    /// Decides at the end of the header block whether the body is hashed for DKIM.
+    signer: Option<Arc<Signer>>,
     /// The DKIM body hash, fed with everything after the header block as it arrives.
     body_hash: Option<BodyHash>,
     /// The mailbox that submits it (whose hosting's keys sign).
@@ -325,8 +328,15 @@ impl IncomingMessage {
             w.push(&prefix);
             w.push(&self.head);
         }
-        if let Some(h) = self.body_hash.as_mut() {
-            h.write(&self.head[header_len..]);
+        let block = &self.head[..header_len];
+        if self
+            .signer
+            .as_ref()
+            .is_some_and(|s| s.wants(&self.login, block))
+        {
+            let mut hash = BodyHash::default();
+            hash.write(&self.head[header_len..]);
+            self.body_hash = Some(hash);
             self.trace = prefix;
         }
         self.head.truncate(header_len);
