@@ -402,30 +402,45 @@ impl DkimKeys {
         })
     }
 
-    /// The background task: first makes keys for domains that have none (added before
-    /// this version), then re-checks DKIM records as the verifier does domains.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Makes keys for every domain that has none: domains added before this version,
+    /// and any added by a face that does not call [`DkimKeys::ensure`] itself.
+    async fn backfill(&self, shutdown: &watch::Receiver<bool>) {
         let store = self.store.clone();
-        let domains = tokio::task::spawn_blocking(move || store.all_domains())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match domains {
-            Ok(domains) => {
-                for d in domains {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    if matches!(self.get(&d.hosting, &d.domain), Ok(Some(_))) {
-                        continue;
-                    }
-                    if let Err(e) = self.ensure(&d.hosting, &d.domain).await {
-                        tracing::error!(error = %e, domain = %Escaped(&d.domain), "cannot make DKIM keys");
-                    }
-                }
+        let missing = tokio::task::spawn_blocking(move || {
+            let with_keys: std::collections::HashSet<(String, String)> = store
+                .all_dkim()?
+                .into_iter()
+                .filter(|d| !d.keys.is_empty())
+                .map(|d| (d.hosting, d.domain))
+                .collect();
+            Ok::<_, domauth_store::StoreError>(
+                store
+                    .all_domains()?
+                    .into_iter()
+                    .map(|d| (d.hosting, d.domain))
+                    .filter(|k| !with_keys.contains(k))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await;
+        let missing = match missing {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return tracing::error!(error = %e, "cannot list domains for DKIM keys"),
+            Err(e) => return tracing::error!(error = %e, "DKIM key scan task failed"),
+        };
+        for (hosting, domain) in missing {
+            if *shutdown.borrow() {
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "cannot list domains for DKIM keys"),
+            if let Err(e) = self.ensure(&hosting, &domain).await {
+                tracing::error!(error = %e, domain = %Escaped(&domain), "cannot make DKIM keys");
+            }
         }
+    }
+
+    /// The background task: makes missing keys, then re-checks DKIM records as the
+    /// verifier does domains.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let tick = self
             .config
             .check_interval
@@ -433,6 +448,7 @@ impl DkimKeys {
             .min(self.config.recheck_interval.get())
             .clamp(Duration::from_millis(200), Duration::from_secs(30));
         loop {
+            self.backfill(&shutdown).await;
             let now = Utc::now();
             let store = self.store.clone();
             let all = tokio::task::spawn_blocking(move || store.all_dkim()).await;
