@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub deliverability: DeliverabilityConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +155,25 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+        }
+    }
+}
+
+/// SPEC §9: signing of authorized domains' mail and SPF advice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverabilityConfig {
+    /// Sign mail of authorized domains whose DKIM record is verified.
+    pub dkim: bool,
+    /// The SPF include that covers the relay (`_spf.hosting.example`); empty: no advice.
+    pub spf_include: String,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            dkim: true,
+            spf_include: String::new(),
         }
     }
 }
@@ -469,6 +489,12 @@ impl Config {
             return Err("auth.path: a passwd-file is needed with backend = \"passwd-file\"".into());
         }
         positive("auth.timeout", a.timeout)?;
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && domauth_store::normalize_domain(include).is_err() {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         Ok(())
     }
 
@@ -650,6 +676,11 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
+            (
+                "[deliverability]\nspf_include = \"a..b\"",
+                "deliverability.spf_include",
+            ),
+            ("[deliverability]\ndkim = \"yes\"", "dkim"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.

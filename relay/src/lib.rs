@@ -18,6 +18,8 @@ pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
+pub mod dkim;
+pub mod dkim_keys;
 pub mod dsn;
 pub mod logsafe;
 pub mod notify;

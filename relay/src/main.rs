@@ -124,6 +124,13 @@ enum DomainCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Make a new DKIM selector pair; the old one signs until the new records are verified.
+    #[command(name = "dkim-rotate")]
+    DkimRotate {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +195,9 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
                 hosting,
                 yes,
             },
+            DomainCmd::DkimRotate { domain, hosting } => {
+                Admin::DomainDkimRotate { domain, hosting }
+            }
         },
         Cmd::Account(c) => match c {
             AccountCmd::Add {

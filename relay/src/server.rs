@@ -130,7 +130,11 @@ pub async fn run(config: Config) -> Result<(), String> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (queue_handle, queue_rx) = queue::channel();
-    let spool = Spool::start(queue.clone(), queue_handle.clone())?;
+    let signer = config
+        .deliverability
+        .dkim
+        .then(|| crate::dkim::Signer::new(store.clone()));
+    let spool = Spool::start(queue.clone(), queue_handle.clone(), signer)?;
     let workers = queue::start(
         queue.clone(),
         opened.messages,
@@ -148,6 +152,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         queue_rx,
         shutdown.clone(),
     );
+    let dkim_keys = crate::dkim_keys::DkimKeys::new(
+        store.clone(),
+        dns.clone(),
+        config.verification.clone(),
+        config.deliverability.dkim,
+    );
+    let dkim_task = tokio::spawn(dkim_keys.clone().run(shutdown.clone()));
     let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
     let admin_task = admin::server::serve(
@@ -158,6 +169,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             queue,
             scheduler: queue_handle,
             passwords: passwords.clone(),
+            dkim: dkim_keys,
         },
         shutdown.clone(),
     )
@@ -269,6 +281,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     }
     verifier_task.abort();
+    dkim_task.abort();
     let _ = tokio::time::timeout_at(deadline, admin_task).await;
     store
         .flush()

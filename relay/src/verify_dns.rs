@@ -178,6 +178,17 @@ impl DnsChecker {
     /// Look up TXT at `name` (CNAMEs followed by the resolver; the TXT records of the answer
     /// are taken even when it also holds the CNAME records) and compare with `expected`.
     pub async fn check(&self, name: &str, expected: &str) -> CheckOutcome {
+        self.check_matching(name, &|strings: &[&[u8]]| txt_matches(strings, expected))
+            .await
+    }
+
+    /// [`DnsChecker::check`] with another rule for what matches (a DKIM record compares
+    /// its `p=` key, not the whole text).
+    pub async fn check_matching(
+        &self,
+        name: &str,
+        matches: &(dyn Fn(&[&[u8]]) -> bool + Sync),
+    ) -> CheckOutcome {
         let display_name = name.trim().trim_end_matches('.').to_ascii_lowercase();
         let fqdn = match Name::from_ascii(format!("{display_name}.")) {
             Ok(n) => n,
@@ -203,7 +214,7 @@ impl DnsChecker {
                         _ => None,
                     })
                     .collect();
-                classify_records(&records, expected, &display_name)
+                classify_records(&records, matches, &display_name)
             }
             Ok(Err(e)) => classify_error(&e, &display_name, self.timeout),
         };
@@ -218,13 +229,17 @@ impl DnsChecker {
 }
 
 /// Outcome of a successful lookup whose answer holds `records` (TXT only).
-fn classify_records(records: &[Vec<&[u8]>], expected: &str, name: &str) -> CheckOutcome {
+fn classify_records(
+    records: &[Vec<&[u8]>],
+    matches: &dyn Fn(&[&[u8]]) -> bool,
+    name: &str,
+) -> CheckOutcome {
     if records.is_empty() {
         return CheckOutcome::NotFound(format!(
             "no TXT record at {name} (the name exists but has no TXT record)"
         ));
     }
-    if records.iter().any(|strings| txt_matches(strings, expected)) {
+    if records.iter().any(|strings| matches(strings)) {
         return CheckOutcome::Verified;
     }
     let values: Vec<String> = records.iter().map(|s| joined_value(s)).collect();
@@ -391,21 +406,29 @@ mod tests {
     fn classify_records_table() {
         let name = "domauthvalidation.partner.example";
         assert_eq!(
-            classify_records(&[vec![b"tok"]], "tok", name),
+            classify_records(&[vec![b"tok"]], &|s: &[&[u8]]| txt_matches(s, "tok"), name),
             CheckOutcome::Verified
         );
         assert_eq!(
-            classify_records(&[vec![b"other"], vec![b"\"tok\""]], "tok", name),
+            classify_records(
+                &[vec![b"other"], vec![b"\"tok\""]],
+                &|s: &[&[u8]]| txt_matches(s, "tok"),
+                name
+            ),
             CheckOutcome::Verified
         );
         assert_eq!(
-            classify_records(&[vec![b"other"]], "tok", name),
+            classify_records(
+                &[vec![b"other"]],
+                &|s: &[&[u8]]| txt_matches(s, "tok"),
+                name
+            ),
             CheckOutcome::Mismatch {
                 found: "\"other\"".into()
             }
         );
         assert_eq!(
-            classify_records(&[], "tok", name).to_string(),
+            classify_records(&[], &|s: &[&[u8]]| txt_matches(s, "tok"), name).to_string(),
             "not found: no TXT record at domauthvalidation.partner.example \
              (the name exists but has no TXT record)"
         );

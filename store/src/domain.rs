@@ -244,6 +244,10 @@ impl Store {
             )?;
             removed += usize::from(gone);
         }
+        // Its DKIM keys go with it (a domain added again gets new ones).
+        if self.domains.get(key.as_slice())?.is_none() {
+            self.dkim_keys.remove(key.as_slice())?;
+        }
         Ok(removed)
     }
 

@@ -22,6 +22,7 @@
 //! | `domains`       | `hosting\0domain`    | [`AuthorizedDomain`]                    |
 //! | `accounts`      | `hosting\0address`   | [`AuthorizedAccount`]                   |
 //! | `account_index` | `address\0hosting`   | empty                                   |
+//! | `dkim_keys`     | `hosting\0domain`    | [`DomainDkim`]: DKIM key generations of that authorized domain (private keys inside: never shown) |
 //!
 //! - `own_domains` is the index of [`Hosting::domains`]: a domain is the own domain of at
 //!   most one hosting, and a mailbox's hosting is found from its address's domain.
@@ -42,6 +43,7 @@
 //! calls it at shutdown). The data here changes only through management commands.
 
 mod account;
+mod dkim;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -50,6 +52,7 @@ mod queue;
 
 pub use account::{AuthorizedAccount, wildcard_address};
 pub use chrono::{DateTime, Utc};
+pub use dkim::{DkimKeySet, DkimStatus, DomainDkim};
 pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
 pub use mailbox::Mailbox;
@@ -118,6 +121,7 @@ pub struct Store {
     domains: sled::Tree,
     accounts: sled::Tree,
     account_index: sled::Tree,
+    dkim_keys: sled::Tree,
 }
 
 impl Store {
@@ -138,6 +142,7 @@ impl Store {
             domains: db.open_tree("domains")?,
             accounts: db.open_tree("accounts")?,
             account_index: db.open_tree("account_index")?,
+            dkim_keys: db.open_tree("dkim_keys")?,
             db,
         };
         Ok(store)

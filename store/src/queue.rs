@@ -450,6 +450,7 @@ impl Queue {
         Ok(MessageWriter {
             tmp: self.tmp_path(&envelope.id),
             msg: self.msg_path(&envelope.id),
+            head_len: head.len() as u64,
             buf: head,
             file: None,
             written: 0,
@@ -787,6 +788,8 @@ pub struct MessageWriter {
     file: Option<File>,
     /// Bytes already in the file.
     written: u64,
+    /// Where the message starts (after the magic and the envelope).
+    head_len: u64,
     message_len: u64,
     crc: crc32fast::Hasher,
 }
@@ -812,7 +815,9 @@ impl MessageWriter {
     /// Writes the buffer to the temporary file (creating it). Blocking.
     pub fn spill(&mut self) -> Result<()> {
         if self.file.is_none() {
+            // Read as well: `prepend` moves what is written.
             let file = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&self.tmp)
@@ -835,6 +840,45 @@ impl MessageWriter {
         if self.buf.capacity() > 1024 * 1024 {
             self.buf.shrink_to(256 * 1024);
         }
+        Ok(())
+    }
+
+    /// Puts `bytes` in front of the message pushed so far: headers that can only be made
+    /// once the whole message was seen (DKIM-Signature). While the start of the message
+    /// is still in memory this is an insert there; once it is in the file (a message
+    /// larger than the spill threshold) the file's message bytes move up by `bytes.len()`,
+    /// copied in bounded chunks from the end backwards, so memory stays bounded. Blocking.
+    pub fn prepend(&mut self, bytes: &[u8]) -> Result<()> {
+        let n = bytes.len() as u64;
+        if self.written <= self.head_len {
+            let at = usize::try_from(self.head_len - self.written)
+                .map_err(|_| StoreError::Io("queue buffer offset".into()))?;
+            self.buf.splice(at..at, bytes.iter().copied());
+        } else {
+            let Some(file) = self.file.as_ref() else {
+                return Err(StoreError::Io("queue file not open".into()));
+            };
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut end = self.written;
+            while end > self.head_len {
+                let start = end.saturating_sub(chunk.len() as u64).max(self.head_len);
+                let len = (end - start) as usize;
+                file.read_exact_at(&mut chunk[..len], start)
+                    .map_err(|e| classify("cannot read", &self.tmp, e))?;
+                file.write_all_at(&chunk[..len], start + n)
+                    .map_err(|e| classify("cannot write", &self.tmp, e))?;
+                end = start;
+            }
+            file.write_all_at(bytes, self.head_len)
+                .map_err(|e| classify("cannot write", &self.tmp, e))?;
+            self.written += n;
+        }
+        // crc(bytes ‖ message) from the running crc of the message.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(bytes);
+        crc.combine(&self.crc);
+        self.crc = crc;
+        self.message_len += n;
         Ok(())
     }
 
@@ -973,6 +1017,33 @@ impl MessageReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepend_in_memory_and_after_spill() {
+        for spill_at in [None, Some(10usize), Some(3_000_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (queue, _) = Queue::open(dir.path(), SyncMethod::Fsync).unwrap();
+            let mut w = queue.writer(&envelope("0001")).unwrap();
+            let body: Vec<u8> = (0..2_500_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut expect = b"DKIM: x\r\n".to_vec();
+            for (i, piece) in body.chunks(100_000).enumerate() {
+                w.push(piece);
+                if spill_at.is_some_and(|at| i * 100_000 >= at) {
+                    w.spill().unwrap();
+                }
+            }
+            w.prepend(b"DKIM: x\r\n").unwrap();
+            expect.extend_from_slice(&body);
+            assert!(
+                queue
+                    .commit_batch(&mut [&mut w])
+                    .into_iter()
+                    .all(|r| r.is_ok())
+            );
+            let (_, reader) = queue.open_for_delivery("0001").unwrap().unwrap();
+            assert!(reader.read_all().unwrap() == expect, "{spill_at:?}");
+        }
+    }
 
     fn envelope(id: &str) -> Envelope {
         Envelope {

@@ -52,6 +52,10 @@ pub enum Command {
         hosting: String,
         yes: bool,
     },
+    DomainDkimRotate {
+        domain: String,
+        hosting: String,
+    },
     AccountAdd {
         addresses: Vec<String>,
         hosting: String,
@@ -145,6 +149,56 @@ fn print_domain_detail(d: &Value) {
     }
     if let Some(n) = d.get("accounts") {
         println!("Accounts:     {n}");
+    }
+    print_dkim(d);
+}
+
+/// The DKIM part of a domain for a person (SPEC §9): status and the records to publish.
+fn print_dkim(d: &Value) {
+    let k = &d["dkim"];
+    if k.is_null() {
+        return;
+    }
+    println!();
+    println!("DKIM:         {}", s(k, "status"));
+    println!("DKIM check:   {}", s(k, "last_check"));
+    if !k["last_error"].is_null() {
+        println!("DKIM error:   {}", s(k, "last_error"));
+    }
+    match &k["signing"] {
+        Value::Null => {
+            println!("Signing:      not yet (signs once the domain and these records are verified)")
+        }
+        v => println!(
+            "Signing:      with selectors {} and {}",
+            s(v, "ed25519"),
+            s(v, "rsa")
+        ),
+    }
+    if k["enabled"] == Value::Bool(false) {
+        println!("              (signing is off: [deliverability] dkim = false)");
+    }
+    let records: Vec<&Value> = k["records"].as_array().into_iter().flatten().collect();
+    if records.is_empty() {
+        return;
+    }
+    println!("DKIM records to publish (TXT):");
+    for r in records {
+        println!("  {}  TXT  \"{}\"", s(r, "name"), s(r, "value"));
+    }
+    println!("  A TXT string holds at most 255 bytes: DNS panels usually split a long value");
+    println!("  themselves; in a zone file write it as several quoted strings on one line:");
+    for r in k["records"].as_array().into_iter().flatten() {
+        let strings: Vec<String> = r["strings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|p| format!("\"{p}\""))
+            .collect();
+        if strings.len() > 1 {
+            println!("  {} IN TXT ( {} )", s(r, "name"), strings.join(" "));
+        }
     }
 }
 
@@ -268,6 +322,7 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 println!("To prove that you control {d}, publish this DNS record:");
                 println!();
                 println!("  {}", record_line(&v));
+                print_dkim(&v);
                 println!();
                 println!("DNS changes can take from a few minutes to a few hours to propagate.");
                 println!("The record is checked automatically; to check it now, run:");
@@ -319,6 +374,19 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                     }
                     println!("{line}");
                 }
+            }
+        }
+        DomainDkimRotate { domain, hosting } => {
+            let path = format!("{}/dkim-rotate", domain_path(&hosting, &domain));
+            let v = client.call(Method::POST, &path, None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                println!(
+                    "New DKIM keys for {}: publish the records below; the current keys sign until they are verified.",
+                    s(&v, "domain")
+                );
+                print_dkim(&v);
             }
         }
         DomainVerify { domain, hosting } => {

@@ -33,6 +33,8 @@ pub struct AdminState {
     pub scheduler: QueueHandle,
     /// Where passwords come from: `explain` finds the login's hosting by it.
     pub passwords: crate::passwords::Backend,
+    /// DKIM keys of authorized domains (SPEC §9).
+    pub dkim: Arc<crate::dkim_keys::DkimKeys>,
 }
 
 /// An error for the CLI: HTTP status plus one line of text.
@@ -95,6 +97,10 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/hostings/{name}/accounts/{address}",
             axum::routing::delete(delete_account),
+        )
+        .route(
+            "/hostings/{name}/domains/{domain}/dkim-rotate",
+            post(rotate_dkim),
         )
         .route("/queue", get(list_queue))
         .route("/queue/{id}", get(show_queued).delete(delete_queued))
@@ -347,7 +353,11 @@ async fn add_domain(
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
     s.verifier.track(&d);
     tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
-    Ok(Json(domain_json(&s.verifier, &d)))
+    if let Err(e) = s.dkim.ensure(&d.hosting, &d.domain).await {
+        // The domain is added; the background task makes the keys later.
+        tracing::error!(error = %e, domain = %Escaped(&d.domain), "cannot make DKIM keys");
+    }
+    Ok(Json(with_dkim(&s, domain_json(&s.verifier, &d), &d)?))
 }
 
 async fn list_domains(State(s): State<AdminState>, UrlPath(hosting): UrlPath<String>) -> ApiResult {
@@ -355,8 +365,8 @@ async fn list_domains(State(s): State<AdminState>, UrlPath(hosting): UrlPath<Str
         .store
         .domains(&hosting)?
         .iter()
-        .map(|d| domain_json(&s.verifier, d))
-        .collect();
+        .map(|d| with_dkim(&s, domain_json(&s.verifier, d), d))
+        .collect::<Result<_, _>>()?;
     Ok(Json(Value::Array(list)))
 }
 
@@ -373,7 +383,7 @@ async fn show_domain(
         .store
         .domain(&hosting, &domain)?
         .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
-    let mut v = domain_json(&s.verifier, &d);
+    let mut v = with_dkim(&s, domain_json(&s.verifier, &d), &d)?;
     v["accounts"] = json!(s.store.account_count(&hosting, &domain)?);
     Ok(Json(v))
 }
@@ -389,12 +399,50 @@ async fn verify_domain(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
         .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
-    let mut v = domain_json(&s.verifier, &d);
+    // The DKIM records are checked with the validation record; their outcome is in
+    // `dkim` and does not change this command's result (SPEC §2.5).
+    if let Err(e) = s.dkim.check(&hosting, &domain).await {
+        tracing::error!(error = %e, domain = %Escaped(&domain), "DKIM check failed");
+    }
+    let mut v = with_dkim(&s, domain_json(&s.verifier, &d), &d)?;
     v["check"] = json!({
         "found": matches!(outcome, crate::verify_dns::CheckOutcome::Verified),
         "outcome": outcome.to_string(),
     });
     Ok(Json(v))
+}
+
+/// Adds the domain's `dkim` object (public records and state; no private key).
+fn with_dkim(s: &AdminState, mut v: Value, d: &AuthorizedDomain) -> Result<Value, ApiError> {
+    let dkim = s
+        .dkim
+        .get(&d.hosting, &d.domain)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    v["dkim"] = crate::dkim_keys::dkim_json(dkim.as_ref(), s.dkim.signing_enabled);
+    Ok(v)
+}
+
+/// `domain dkim-rotate`: a new selector pair to publish; the old keys sign until the
+/// new records are verified.
+async fn rotate_dkim(
+    State(s): State<AdminState>,
+    UrlPath((hosting, domain)): UrlPath<(String, String)>,
+) -> ApiResult {
+    let domain = domain_key(&domain)?;
+    let missing = || not_found(format!("{domain} is not a domain of hosting {hosting}"));
+    let d = s.store.domain(&hosting, &domain)?.ok_or_else(missing)?;
+    // A domain whose first keys are still being made gets them now.
+    s.dkim
+        .ensure(&hosting, &domain)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .ok_or_else(missing)?;
+    s.dkim
+        .rotate(&hosting, &domain)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .ok_or_else(missing)?;
+    Ok(Json(with_dkim(&s, domain_json(&s.verifier, &d), &d)?))
 }
 
 async fn delete_domain(
