@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::{
     config::VerificationConfig,
     logsafe::Escaped,
+    schedule::{self, Schedule},
     verify_dns::{CheckOutcome, DnsChecker},
 };
 
@@ -268,6 +269,8 @@ pub struct DkimKeys {
     /// `[deliverability] dkim`: shown with the records (keys are made either way, so
     /// turning signing on needs no new records).
     pub signing_enabled: bool,
+    /// When each domain's DKIM records are next due (see [`DkimKeys::run`]).
+    schedule: Schedule,
 }
 
 impl DkimKeys {
@@ -282,6 +285,7 @@ impl DkimKeys {
             dns,
             config,
             signing_enabled,
+            schedule: Schedule::default(),
         })
     }
 
@@ -303,14 +307,18 @@ impl DkimKeys {
         }
         let store = self.store.clone();
         let (hosting, domain) = (hosting.to_string(), domain.to_string());
-        tokio::task::spawn_blocking(move || {
+        let made = tokio::task::spawn_blocking(move || {
             let set = generate(0)?;
             store
                 .add_dkim_keys(&hosting, &domain, set, first, selectors)
                 .map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| format!("key generation task failed: {e}"))?
+        .map_err(|e| format!("key generation task failed: {e}"))??;
+        if let Some(d) = &made {
+            self.track(d);
+        }
+        Ok(made)
     }
 
     /// Keys for a domain just added (or one that has none).
@@ -377,6 +385,7 @@ impl DkimKeys {
             })
             .map_err(|e| e.to_string())?;
         if let Some(d) = &updated {
+            self.track(d);
             for (generation, outcome) in &outcomes {
                 tracing::info!(
                     event = "dkim_check",
@@ -391,43 +400,59 @@ impl DkimKeys {
         Ok(updated)
     }
 
-    fn due(&self, d: &DomainDkim, now: DateTime<Utc>) -> bool {
-        d.keys.iter().any(|k| {
-            let interval = match k.status {
-                DkimStatus::Verified => self.config.recheck_interval.get(),
-                DkimStatus::Pending | DkimStatus::Failed => self.config.check_interval.get(),
-            };
-            k.last_check
-                .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= interval)
-        })
+    /// When the background task should next check the domain's DKIM records: the
+    /// earliest of its key sets, verified ones every `recheck_interval`, the others
+    /// every `check_interval`. `None` without keys (the rescan makes them).
+    fn next_check(&self, d: &DomainDkim) -> Option<DateTime<Utc>> {
+        d.keys
+            .iter()
+            .map(|k| {
+                let interval = match k.status {
+                    DkimStatus::Verified => self.config.recheck_interval.get(),
+                    DkimStatus::Pending | DkimStatus::Failed => self.config.check_interval.get(),
+                };
+                k.last_check
+                    .map_or_else(Utc::now, |t| schedule::after(t, interval))
+            })
+            .min()
     }
 
-    /// Makes keys for every domain that has none: domains added before this version,
-    /// and any added by a face that does not call [`DkimKeys::ensure`] itself.
-    async fn backfill(&self, shutdown: &watch::Receiver<bool>) {
+    /// Puts the domain's DKIM check on the schedule (after every change of its keys).
+    fn track(&self, d: &DomainDkim) {
+        self.schedule
+            .set((d.hosting.clone(), d.domain.clone()), self.next_check(d));
+    }
+
+    /// At start and every [`schedule::RESCAN`]: makes keys for every domain that has
+    /// none (domains added before this version, or by a face that does not call
+    /// [`DkimKeys::ensure`]) and puts every domain's DKIM check on the schedule.
+    async fn rescan(&self, shutdown: &watch::Receiver<bool>) {
         let store = self.store.clone();
-        let missing = tokio::task::spawn_blocking(move || {
-            let with_keys: std::collections::HashSet<(String, String)> = store
-                .all_dkim()?
-                .into_iter()
+        let scanned = tokio::task::spawn_blocking(move || {
+            let all = store.all_dkim()?;
+            let with_keys: std::collections::HashSet<(String, String)> = all
+                .iter()
                 .filter(|d| !d.keys.is_empty())
-                .map(|d| (d.hosting, d.domain))
+                .map(|d| (d.hosting.clone(), d.domain.clone()))
                 .collect();
-            Ok::<_, domauth_store::StoreError>(
-                store
-                    .all_domains()?
-                    .into_iter()
-                    .map(|d| (d.hosting, d.domain))
-                    .filter(|k| !with_keys.contains(k))
-                    .collect::<Vec<_>>(),
-            )
+            let missing: Vec<(String, String)> = store
+                .all_domains()?
+                .into_iter()
+                .map(|d| (d.hosting, d.domain))
+                .filter(|k| !with_keys.contains(k))
+                .collect();
+            Ok::<_, domauth_store::StoreError>((all, missing))
         })
         .await;
-        let missing = match missing {
-            Ok(Ok(m)) => m,
+        let (all, missing) = match scanned {
+            Ok(Ok(found)) => found,
             Ok(Err(e)) => return tracing::error!(error = %e, "cannot list domains for DKIM keys"),
             Err(e) => return tracing::error!(error = %e, "DKIM key scan task failed"),
         };
+        for d in &all {
+            self.schedule
+                .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));
+        }
         for (hosting, domain) in missing {
             if *shutdown.borrow() {
                 return;
@@ -438,36 +463,28 @@ impl DkimKeys {
         }
     }
 
-    /// The background task: makes missing keys, then re-checks DKIM records as the
-    /// verifier does domains.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let tick = self
-            .config
-            .check_interval
-            .get()
-            .min(self.config.recheck_interval.get())
-            .clamp(Duration::from_millis(200), Duration::from_secs(30));
-        loop {
-            self.backfill(&shutdown).await;
-            let now = Utc::now();
-            let store = self.store.clone();
-            let all = tokio::task::spawn_blocking(move || store.all_dkim()).await;
-            match all {
-                Ok(Ok(all)) => {
-                    for d in all.into_iter().filter(|d| self.due(d, now)) {
-                        if let Err(e) = self.check(&d.hosting, &d.domain).await {
-                            tracing::error!(error = %e, domain = %Escaped(&d.domain), "DKIM check failed");
-                        }
-                    }
+    /// The background task: re-checks DKIM records as they come due, as the verifier
+    /// does domains.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let check = |key: schedule::DomainKey| {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.check(&key.0, &key.1).await {
+                    tracing::error!(error = %e, domain = %Escaped(&key.1), "DKIM check failed");
+                    let retry = schedule::after(Utc::now(), this.config.check_interval.get());
+                    this.schedule.set(key, Some(retry));
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot list DKIM keys"),
-                Err(e) => tracing::error!(error = %e, "DKIM scan task failed"),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => break,
-            }
-        }
+        };
+        let rescan_shutdown = shutdown.clone();
+        self.schedule
+            .run(
+                self.config.concurrency,
+                check,
+                || self.rescan(&rescan_shutdown),
+                shutdown,
+            )
+            .await;
     }
 }
 

@@ -27,6 +27,7 @@ pub mod passwords;
 pub mod policy;
 pub mod queue;
 pub mod reload;
+pub mod schedule;
 pub mod server;
 pub mod smtp;
 pub mod spool;
