@@ -22,6 +22,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub deliverability: DeliverabilityConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +146,9 @@ impl UpstreamConfig {
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     pub timeout: Dur,
+    /// With `nameservers` empty: the file whose nameservers find the zone's authoritative
+    /// servers (README; tests point it at a DNS server of their own).
+    pub resolv_conf: PathBuf,
 }
 
 impl Default for DnsConfig {
@@ -152,6 +156,7 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         }
     }
 }
@@ -240,6 +245,25 @@ impl Default for LimitsConfig {
             auth_failures: 5,
             auth_window: Dur::secs(600),
             auth_failure_delay: Dur(Duration::from_millis(1000)),
+        }
+    }
+}
+
+/// `[deliverability]` (SPEC §9).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverabilityConfig {
+    pub dkim: bool,
+    /// The SPF record a domain must include to cover this relay, e.g.
+    /// `_spf.hosting.example`; empty: no SPF advice.
+    pub spf_include: String,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            dkim: true,
+            spf_include: String::new(),
         }
     }
 }
@@ -365,6 +389,15 @@ impl Config {
             positive(key, d)?;
         }
         positive("dns.timeout", self.dns.timeout)?;
+        if self.dns.resolv_conf.as_os_str().is_empty() {
+            return Err("dns.resolv_conf: must be a path".into());
+        }
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && !crate::dns_advice::is_spf_domain(include) {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         let v = &self.verification;
         let label_ok = !v.record_label.is_empty()
             && v.record_label.len() <= 63
@@ -585,6 +618,11 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
+            (
+                "[deliverability]\nspf_include = \"not a name\"",
+                "deliverability.spf_include",
+            ),
+            ("[dns]\nresolv_conf = \"\"", "dns.resolv_conf"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.

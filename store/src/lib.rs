@@ -42,6 +42,7 @@
 //! calls it at shutdown). The data here changes only through management commands.
 
 mod account;
+mod dns_report;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -50,6 +51,7 @@ mod queue;
 
 pub use account::AuthorizedAccount;
 pub use chrono::{DateTime, Utc};
+pub use dns_report::{DmarcFinding, DmarcPolicy, DnsReport, ServerAnswer, SpfFinding, SpfStatus};
 pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
 pub use mailbox::Mailbox;

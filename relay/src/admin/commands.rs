@@ -145,6 +145,9 @@ fn print_domain_detail(d: &Value) {
     if let Some(n) = d.get("accounts") {
         println!("Accounts:     {n}");
     }
+    for line in super::dns_report::text_lines(d) {
+        println!("{line}");
+    }
 }
 
 pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Done, String> {
