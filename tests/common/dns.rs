@@ -57,6 +57,17 @@ impl TestDns {
     /// Start a server for `zone` (e.g. `"example"` or `"example."`) on 127.0.0.1:<free port>.
     /// The zone starts with only its SOA and NS records.
     pub fn start(zone: &str) -> TestDns {
+        TestDns::start_bound(zone, None)
+    }
+
+    /// Like [`TestDns::start`], on port 53 of `ip` (UDP and TCP): where a resolver that
+    /// knows no port numbers (resolv.conf, NS records) finds it. Needs root; pick a
+    /// loopback address of your own (any 127.x.y.z) so tests do not collide.
+    pub fn start_on(zone: &str, ip: Ipv4Addr) -> TestDns {
+        TestDns::start_bound(zone, Some(SocketAddr::from((ip, 53))))
+    }
+
+    fn start_bound(zone: &str, bind: Option<SocketAddr>) -> TestDns {
         let origin = Name::from_ascii(format!("{}.", zone.trim_end_matches('.')))
             .unwrap_or_else(|e| panic!("TestDns: bad zone name {zone:?}: {e}"));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -76,7 +87,10 @@ impl TestDns {
                         LowerName::new(&thread_origin),
                         vec![zone.clone() as Arc<dyn ZoneHandler>],
                     );
-                    let (udp, tcp) = bind_same_port().await;
+                    let (udp, tcp) = match bind {
+                        None => bind_same_port().await,
+                        Some(addr) => bind_exactly(addr).await,
+                    };
                     let addr = udp.local_addr().expect("TestDns: local_addr");
                     let mut server = Server::new(catalog);
                     server.register_socket(udp);
@@ -154,6 +168,23 @@ impl TestDns {
         self.edit(move |records| {
             remove_name(records, &name);
             insert(records, &name, RData::A(A(ip)));
+        });
+    }
+
+    /// Replace the zone's NS set by these server names (relative to the zone or fully
+    /// qualified); give them addresses with [`TestDns::set_a`].
+    pub fn set_ns(&self, servers: &[&str]) {
+        let origin = self.origin.clone();
+        let servers: Vec<Name> = servers.iter().map(|s| self.name(s)).collect();
+        self.edit(move |records| {
+            records.remove(&RrKey::new(LowerName::new(&origin), RecordType::NS));
+            for ns in servers {
+                insert(
+                    records,
+                    &origin,
+                    RData::NS(hickory_server::proto::rr::rdata::NS(ns)),
+                );
+            }
         });
     }
 
@@ -284,6 +315,17 @@ fn insert(records: &mut BTreeMap<RrKey, Arc<RecordSet>>, name: &Name, rdata: RDa
 fn remove_name(records: &mut BTreeMap<RrKey, Arc<RecordSet>>, name: &Name) {
     let lower = LowerName::new(name);
     records.retain(|key, _| key.name != lower);
+}
+
+/// Bind UDP and TCP to exactly `addr`.
+async fn bind_exactly(addr: SocketAddr) -> (UdpSocket, TcpListener) {
+    let udp = UdpSocket::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("TestDns: bind UDP {addr}: {e}"));
+    let tcp = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("TestDns: bind TCP {addr}: {e}"));
+    (udp, tcp)
 }
 
 /// Bind UDP to 127.0.0.1:0, then TCP to the same port; retry when that port is taken.

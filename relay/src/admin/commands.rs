@@ -339,6 +339,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                     s(&v["check"], "outcome")
                 );
                 println!("expected: {}", record_line(&v));
+                for line in super::dns_report::server_lines(&v) {
+                    println!("{line}");
+                }
             }
             return Ok(Done { ok: found });
         }

@@ -15,6 +15,13 @@ pub fn add_json(v: &mut Value, d: &AuthorizedDomain) {
 
 /// Text lines for `domain show`, from the domain's JSON (nothing before the first check).
 pub fn text_lines(d: &Value) -> Vec<String> {
+    let mut lines = server_lines(d);
+    lines.extend(advice_lines(d));
+    lines
+}
+
+/// The zone and which authoritative server answered what (also shown by `domain verify`).
+pub fn server_lines(d: &Value) -> Vec<String> {
     let mut lines = Vec::new();
     if let Some(zone) = d["zone"].as_str() {
         lines.push(format!(
@@ -32,6 +39,11 @@ pub fn text_lines(d: &Value) -> Vec<String> {
             clean(str_of(s, "detail"))
         ));
     }
+    lines
+}
+
+fn advice_lines(d: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
     if let Some(spf) = d.get("spf").filter(|v| v.is_object()) {
         let status = str_of(spf, "status").replace('_', " ");
         let mut line = format!("SPF:          {status}");
