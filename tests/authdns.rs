@@ -257,6 +257,47 @@ fn authoritative_servers_that_disagree_are_each_reported() {
     assert_eq!(outcomes, ["mismatch", "verified"], "{v:#}");
 }
 
+#[test]
+fn a_cname_into_another_zone_is_followed_to_that_zones_servers() {
+    let (ip_p, ip_o) = (loopback(2), loopback(3));
+    let partner = TestDns::start_on(PARTNER, ip_p);
+    let other = TestDns::start_on("other.example", ip_o);
+    // The system resolver knows both zones.
+    let recursive = TestDns::start_zones_on(&[PARTNER, "other.example"], loopback(1));
+    recursive.set_ns(&["ns1"]);
+    recursive.set_a("ns1", ip_p);
+    recursive.set_a("ns.other.example.", ip_o);
+    let (config, resolv) = authoritative_config(&recursive);
+    let env = Env::start_with_resolv(config, vec![partner, other, recursive], Some(resolv));
+    let token = env.add(PARTNER);
+    env._servers[0].set_cname(RECORD, "tok.other.example.");
+    env._servers[1].set_txt("tok", &[&token]);
+
+    let (out, v) = env.verify(PARTNER);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{v:#}\nlog:\n{}",
+        env.relay.log()
+    );
+    assert_eq!(v["zone"], "other.example", "{v:#}");
+    let got = servers(&v);
+    assert_eq!(
+        got,
+        [(
+            format!("ns.other.example ({ip_o})"),
+            "verified".into(),
+            true
+        )],
+        "{v:#}"
+    );
+    let detail = v["servers"][0]["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("via CNAME domauthvalidation.partner.example → tok.other.example"),
+        "{v:#}"
+    );
+}
+
 // ------------------------------------------------------------ SPF / DMARC advice
 
 /// A relay on the configured-nameserver path (one test DNS server for zone "example")

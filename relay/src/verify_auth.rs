@@ -223,10 +223,10 @@ impl AuthoritativeDns {
                     }
                 }
                 Ok(Err(e)) => {
-                    let why = classify_error(&e, &display(&candidate), self.timeout);
                     return Err(CheckOutcome::DnsError(format!(
-                        "looking for the zone of {shown}: {}",
-                        detail_of(&why)
+                        "looking for the zone of {shown} (SOA at {}): {}",
+                        display(&candidate),
+                        error_words(&e, self.timeout)
                     )));
                 }
             }
@@ -255,10 +255,9 @@ impl AuthoritativeDns {
                 ))
             })?
             .map_err(|e| {
-                let why = classify_error(&e, zone_text, self.timeout);
                 CheckOutcome::DnsError(format!(
                     "reading the NS records of {zone_text}: {}",
-                    detail_of(&why)
+                    error_words(&e, self.timeout)
                 ))
             })?;
         let mut names: Vec<Name> = Vec::new();
@@ -421,6 +420,26 @@ pub fn combine(answers: &[(&str, &CheckOutcome)], zone: &str) -> CheckOutcome {
         "no authoritative server of {zone} answered ({})",
         each.join("; ")
     ))
+}
+
+/// A failed lookup of the zone walk in words (the record type is in the caller's words).
+fn error_words(err: &NetError, timeout: Duration) -> String {
+    match err {
+        NetError::Dns(DnsError::NoRecordsFound(no)) => {
+            format!(
+                "the nameserver answered {:?} without records",
+                no.response_code
+            )
+        }
+        NetError::Dns(DnsError::ResponseCode(code)) => {
+            format!(
+                "the nameserver answered {}",
+                format!("{code:?}").to_ascii_uppercase()
+            )
+        }
+        NetError::Timeout => format!("timed out after {}", fmt_secs(timeout)),
+        other => other.to_string(),
+    }
 }
 
 /// The kind of an outcome as stored per server: `verified`, `not found`, `mismatch`,
