@@ -291,8 +291,8 @@ pub fn assess_dmarc(domain: &str, txt_values: &[String]) -> DmarcFinding {
     }
 }
 
-/// Reads the SPF and DMARC records of `domain` and assesses them. A failed lookup gives a
-/// `dns_error` finding (retried at the next check).
+/// Reads the SPF and DMARC records of `domain` and assesses them (both at once). A failed
+/// lookup gives a `dns_error` finding (retried at the next check).
 pub async fn advise(
     dns: &DnsChecker,
     domain: &str,
@@ -302,36 +302,45 @@ pub async fn advise(
         .trim()
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    let spf = match dns.txt_values(domain).await {
-        Err(e) => SpfFinding {
-            status: SpfStatus::DnsError,
-            found: Vec::new(),
-            advice: Some(format!("could not read the SPF record: {e}")),
-            record: None,
-        },
-        Ok(values) => {
-            let spf_records: Vec<&String> = values.iter().filter(|v| is_spf(v)).collect();
-            let mut covered_via = None;
-            if let [one] = spf_records.as_slice()
-                && !include.is_empty()
-                && !spf_covers(one, &include)
-            {
-                // One level of includes: the domain may include a provider record that
-                // includes ours.
-                for target in spf_includes(one).into_iter().take(MAX_FOLLOWED_INCLUDES) {
-                    let Ok(inner) = dns.txt_values(&target).await else {
-                        continue;
-                    };
-                    if inner.iter().any(|v| is_spf(v) && spf_covers(v, &include)) {
-                        covered_via = Some(target);
-                        break;
-                    }
-                }
-            }
-            assess_spf(domain, &include, &values, covered_via.as_deref())
+    tokio::join!(spf(dns, domain, &include), dmarc(dns, domain))
+}
+
+async fn spf(dns: &DnsChecker, domain: &str, include: &str) -> SpfFinding {
+    let values = match dns.txt_values(domain).await {
+        Ok(values) => values,
+        Err(e) => {
+            return SpfFinding {
+                status: SpfStatus::DnsError,
+                found: Vec::new(),
+                advice: Some(format!("could not read the SPF record: {e}")),
+                record: None,
+            };
         }
     };
-    let dmarc = match dns.txt_values(&format!("_dmarc.{domain}")).await {
+    let spf_records: Vec<&String> = values.iter().filter(|v| is_spf(v)).collect();
+    let mut covered_via = None;
+    if let [one] = spf_records.as_slice()
+        && !include.is_empty()
+        && !spf_covers(one, include)
+    {
+        // One level of includes: the domain may include a provider record that includes
+        // ours. A DNS error ends the search (the resolver is unlikely to do better on the
+        // next name, and the check must not wait for each).
+        for target in spf_includes(one).into_iter().take(MAX_FOLLOWED_INCLUDES) {
+            let Ok(inner) = dns.txt_values(&target).await else {
+                break;
+            };
+            if inner.iter().any(|v| is_spf(v) && spf_covers(v, include)) {
+                covered_via = Some(target);
+                break;
+            }
+        }
+    }
+    assess_spf(domain, include, &values, covered_via.as_deref())
+}
+
+async fn dmarc(dns: &DnsChecker, domain: &str) -> DmarcFinding {
+    match dns.txt_values(&format!("_dmarc.{domain}")).await {
         Err(e) => DmarcFinding {
             policy: DmarcPolicy::DnsError,
             found: None,
@@ -339,8 +348,7 @@ pub async fn advise(
             record: None,
         },
         Ok(values) => assess_dmarc(domain, &values),
-    };
-    (spf, dmarc)
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! `verify` / `verify_dns` (DNS ownership proofs) and `admin` (the API on
 //! the Unix socket and the CLI's client). `main.rs` is only the CLI.
 //! `logsafe` escapes outside text on its way into the log.
+//! `verify_auth` asks a zone's authoritative nameservers (SPEC §9) and
+//! `dns_advice` reads SPF and DMARC for advice.
 
 pub mod admin;
 pub mod bounce;
