@@ -298,6 +298,49 @@ fn a_cname_into_another_zone_is_followed_to_that_zones_servers() {
     );
 }
 
+#[test]
+fn an_answer_too_big_for_udp_is_fetched_over_tcp() {
+    let ip1 = loopback(2);
+    let auth = TestDns::start_on(PARTNER, ip1);
+    let recursive = recursive_for(&[("ns1", ip1)]);
+    let (config, resolv) = authoritative_config(&recursive);
+    let env = Env::start_with_resolv(config, vec![auth, recursive], Some(resolv));
+    let token = env.add(PARTNER);
+    let auth = &env._servers[0];
+    // Well past any UDP payload size (512 bytes, 1232 with EDNS): the answer comes
+    // truncated over UDP and whole over TCP.
+    let filler = "x".repeat(255);
+    auth.set_txt(RECORD, &[&filler, &filler]);
+    for _ in 0..8 {
+        auth.add_txt(RECORD, &[&filler, &filler]);
+    }
+    auth.add_txt(RECORD, &[&token]);
+
+    let (out, v) = env.verify(PARTNER);
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    let outcomes: Vec<String> = servers(&v).into_iter().map(|s| s.1).collect();
+    assert_eq!(outcomes, ["verified"], "{v:#}");
+}
+
+#[test]
+fn a_zone_the_system_resolver_cannot_find_is_a_dns_error() {
+    // The "system resolver" serves another zone only: it refuses partner.example.
+    let recursive = TestDns::start_on("other.example", loopback(1));
+    let (config, resolv) = authoritative_config(&recursive);
+    let env = Env::start_with_resolv(config, vec![recursive], Some(resolv));
+    env.add(PARTNER);
+    let (out, v) = env.verify(PARTNER);
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    assert_eq!(v["status"], "pending", "{v:#}");
+    let last_error = v["last_error"].as_str().unwrap_or("");
+    assert!(
+        last_error
+            .starts_with("dns error: looking for the zone of domauthvalidation.partner.example"),
+        "{v:#}"
+    );
+    assert_eq!(v["servers"], serde_json::json!([]), "{v:#}");
+}
+
 // ------------------------------------------------------------ SPF / DMARC advice
 
 /// A relay on the configured-nameserver path (one test DNS server for zone "example")
