@@ -148,6 +148,9 @@ impl UpstreamConfig {
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     pub timeout: Dur,
+    /// With `nameservers` empty: the file whose nameservers find the zone's authoritative
+    /// servers (README; tests point it at a DNS server of their own).
+    pub resolv_conf: PathBuf,
 }
 
 impl Default for DnsConfig {
@@ -155,6 +158,7 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         }
     }
 }
@@ -439,6 +443,15 @@ impl Config {
             positive(key, d)?;
         }
         positive("dns.timeout", self.dns.timeout)?;
+        if self.dns.resolv_conf.as_os_str().is_empty() {
+            return Err("dns.resolv_conf: must be a path".into());
+        }
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && !crate::dns_advice::is_spf_domain(include) {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         let v = &self.verification;
         let label_ok = !v.record_label.is_empty()
             && v.record_label.len() <= 63
@@ -489,12 +502,6 @@ impl Config {
             return Err("auth.path: a passwd-file is needed with backend = \"passwd-file\"".into());
         }
         positive("auth.timeout", a.timeout)?;
-        let include = &self.deliverability.spf_include;
-        if !include.is_empty() && domauth_store::normalize_domain(include).is_err() {
-            return Err(format!(
-                "deliverability.spf_include: {include:?} is not a domain name"
-            ));
-        }
         Ok(())
     }
 
@@ -681,6 +688,11 @@ mod tests {
                 "deliverability.spf_include",
             ),
             ("[deliverability]\ndkim = \"yes\"", "dkim"),
+            (
+                "[deliverability]\nspf_include = \"not a name\"",
+                "deliverability.spf_include",
+            ),
+            ("[dns]\nresolv_conf = \"\"", "dns.resolv_conf"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.

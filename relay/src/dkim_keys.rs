@@ -158,8 +158,11 @@ pub async fn check_set(dns: &DnsChecker, domain: &str, set: &DkimKeySet) -> Chec
     let mut temporary = None;
     for record in records(domain, set) {
         let outcome = dns
-            .check_matching(&record.name, &|strings: &[&[u8]]| {
-                record_matches(strings, record.key_type, &record.public_key)
+            .check_matching(&record.name, {
+                let (key_type, public_key) = (record.key_type, record.public_key.clone());
+                std::sync::Arc::new(move |strings: &[&[u8]]| {
+                    record_matches(strings, key_type, &public_key)
+                })
             })
             .await;
         match outcome {

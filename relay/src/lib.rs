@@ -13,6 +13,8 @@
 //! holds the password backends (`[auth] backend`) behind `smtp::auth`.
 //! `notify` (systemd) and `reload` (SIGHUP) are the operations side that
 //! `server` wires up.
+//! `verify_auth` asks a zone's authoritative nameservers (SPEC §9) and
+//! `dns_advice` reads SPF and DMARC for advice.
 
 pub mod admin;
 pub mod bounce;
@@ -20,6 +22,7 @@ pub mod cleanup;
 pub mod config;
 pub mod dkim;
 pub mod dkim_keys;
+pub mod dns_advice;
 pub mod dsn;
 pub mod logsafe;
 pub mod notify;
@@ -34,4 +37,5 @@ pub mod spool;
 pub mod tls;
 pub mod upstream;
 pub mod verify;
+pub mod verify_auth;
 pub mod verify_dns;

@@ -159,7 +159,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.deliverability.dkim,
     );
     let dkim_task = tokio::spawn(dkim_keys.clone().run(shutdown.clone()));
-    let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
+    let verifier = Verifier::with_spf_include(
+        store.clone(),
+        dns,
+        config.verification.clone(),
+        config.deliverability.spf_include.clone(),
+    );
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
     let admin_task = admin::server::serve(
         &s.admin_socket,
@@ -294,9 +299,17 @@ pub async fn run(config: Config) -> Result<(), String> {
 /// DNS only serves domain verification, so a machine without a usable
 /// resolv.conf (a bare container) still relays mail: the checks then go to
 /// 127.0.0.1:53 and report `dns error` until `dns.nameservers` is set.
+/// With `dns.nameservers` empty the checks ask the authoritative servers
+/// (SPEC §9), found through the nameservers of `dns.resolv_conf`.
 fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
     let timeout = config.dns.timeout.get();
-    match DnsChecker::new(&config.dns.nameservers, timeout) {
+    let checker = if config.dns.nameservers.is_empty() {
+        crate::verify_dns::system_nameservers_from(&config.dns.resolv_conf)
+            .and_then(|bootstrap| DnsChecker::authoritative(&bootstrap, timeout))
+    } else {
+        DnsChecker::new(&config.dns.nameservers, timeout)
+    };
+    match checker {
         Ok(dns) => Ok(dns),
         Err(e) if config.dns.nameservers.is_empty() => {
             tracing::warn!(
@@ -304,7 +317,7 @@ fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
                 error = %e,
                 "no system nameserver; domain checks use 127.0.0.1:53 until dns.nameservers is set"
             );
-            DnsChecker::new(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
+            DnsChecker::authoritative(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
                 .map_err(|e| format!("dns.nameservers: {e}"))
         }
         Err(e) => Err(format!("dns.nameservers: {e}")),

@@ -94,10 +94,22 @@ pub struct Verifier {
     timing: Timing,
     /// When each domain is next due (see [`Verifier::run`]).
     schedule: Schedule,
+    /// `[deliverability] spf_include`: what the SPF advice looks for (empty: none).
+    spf_include: String,
 }
 
 impl Verifier {
     pub fn new(store: Store, dns: DnsChecker, config: VerificationConfig) -> Arc<Verifier> {
+        Verifier::with_spf_include(store, dns, config, String::new())
+    }
+
+    /// A verifier whose checks also give SPF advice about `spf_include` (SPEC §9).
+    pub fn with_spf_include(
+        store: Store,
+        dns: DnsChecker,
+        config: VerificationConfig,
+        spf_include: String,
+    ) -> Arc<Verifier> {
         let timing = Timing {
             pending_expiry: config.pending_expiry.get(),
             grace: config.grace.get(),
@@ -108,6 +120,7 @@ impl Verifier {
             config,
             timing,
             schedule: Schedule::default(),
+            spf_include,
         })
     }
 
@@ -133,10 +146,18 @@ impl Verifier {
             return Ok(None);
         };
         let started = Utc::now();
-        let outcome = self
-            .dns
-            .check(&self.record_name(&current.domain), &current.token)
-            .await;
+        // The SPF/DMARC advice (SPEC §9) is read beside the proof; never a condition.
+        let record_name = self.record_name(&current.domain);
+        let ((outcome, auth), (spf, dmarc)) = tokio::join!(
+            self.dns.check_report(&record_name, &current.token),
+            crate::dns_advice::advise(&self.dns, &current.domain, &self.spf_include),
+        );
+        let report = domauth_store::DnsReport {
+            zone: auth.zone,
+            servers: auth.servers,
+            spf: Some(spf),
+            dmarc: Some(dmarc),
+        };
         let now = Utc::now();
         let updated = self
             .store
@@ -145,6 +166,7 @@ impl Verifier {
                     return; // a newer check already decided
                 }
                 apply(d, &outcome, now, &self.timing);
+                d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;
         if let Some(d) = &updated {
@@ -244,6 +266,7 @@ mod tests {
             last_check: None,
             last_error: None,
             record_missing_since: None,
+            dns_report: Default::default(),
         }
     }
 

@@ -44,6 +44,7 @@
 
 mod account;
 mod dkim;
+mod dns_report;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -53,6 +54,7 @@ mod queue;
 pub use account::{AuthorizedAccount, wildcard_address};
 pub use chrono::{DateTime, Utc};
 pub use dkim::{DkimKeySet, DkimStatus, DomainDkim};
+pub use dns_report::{DmarcFinding, DmarcPolicy, DnsReport, ServerAnswer, SpfFinding, SpfStatus};
 pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
 pub use mailbox::Mailbox;

@@ -150,6 +150,9 @@ fn print_domain_detail(d: &Value) {
     if let Some(n) = d.get("accounts") {
         println!("Accounts:     {n}");
     }
+    for line in super::dns_report::text_lines(d) {
+        println!("{line}");
+    }
     print_dkim(d);
 }
 
@@ -405,6 +408,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                     s(&v["check"], "outcome")
                 );
                 println!("expected: {}", record_line(&v));
+                for line in super::dns_report::server_lines(&v) {
+                    println!("{line}");
+                }
             }
             return Ok(Done { ok: found });
         }

@@ -182,6 +182,12 @@ fn account_json(a: &AuthorizedAccount) -> Value {
 }
 
 fn domain_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
+    let mut v = domain_base_json(verifier, d);
+    super::dns_report::add_json(&mut v, d);
+    v
+}
+
+fn domain_base_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
     json!({
         "domain": d.domain,
         "hosting": d.hosting,
