@@ -22,6 +22,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +241,21 @@ impl Default for LimitsConfig {
             auth_failures: 5,
             auth_window: Dur::secs(600),
             auth_failure_delay: Dur(Duration::from_millis(1000)),
+        }
+    }
+}
+
+/// `[metrics]` (SPEC §10): where `GET /metrics` is served; empty: nowhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9025))],
         }
     }
 }
@@ -560,6 +576,25 @@ mod tests {
         assert_eq!(fsync.queue.sync, domauth_store::SyncMethod::Fsync);
         let err = Config::parse("[queue]\nsync = \"sometimes\"").expect_err("unknown method");
         assert!(err.contains("sync"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_may_be_empty() {
+        let c = Config::parse("").expect("defaults are valid");
+        assert_eq!(c.metrics.listen, [SocketAddr::from(([127, 0, 0, 1], 9025))]);
+        let off = Config::parse("[metrics]\nlisten = []").expect("empty list: off");
+        assert!(off.metrics.listen.is_empty());
+        let two = Config::parse("[metrics]\nlisten = [\"127.0.0.1:9100\", \"[::1]:9100\"]")
+            .expect("two addresses");
+        assert_eq!(two.metrics.listen.len(), 2);
+        for bad in [
+            "[metrics]\nlisten = [\"nope\"]",
+            "[metrics]\nlisten = \"127.0.0.1:9025\"",
+            "[metrics]\nport = 1",
+        ] {
+            let err = Config::parse(bad).expect_err(bad);
+            assert!(err.starts_with("metrics."), "{bad:?}: {err}");
+        }
     }
 
     #[test]

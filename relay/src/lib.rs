@@ -10,12 +10,14 @@
 //! `verify` / `verify_dns` (DNS ownership proofs) and `admin` (the API on
 //! the Unix socket and the CLI's client). `main.rs` is only the CLI.
 //! `logsafe` escapes outside text on its way into the log.
+//! `metrics` counts what happens, for Prometheus (`GET /metrics`).
 
 pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
 pub mod logsafe;
+pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod server;

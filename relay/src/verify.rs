@@ -137,6 +137,7 @@ impl Verifier {
             .dns
             .check(&self.record_name(&current.domain), &current.token)
             .await;
+        crate::metrics::domain_check(&outcome);
         let now = Utc::now();
         let updated = self
             .store
@@ -205,6 +206,7 @@ impl Verifier {
                 });
             match scanned {
                 Ok(domains) => {
+                    crate::metrics::domains(&domains);
                     for d in domains.into_iter().filter(|d| self.due(d, now)) {
                         let key = (d.hosting, d.domain);
                         if !lock(&in_progress).insert(key.clone()) {
