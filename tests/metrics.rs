@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{PYTHON, Relay, RelayConfig, Sink, dns::TestDns, free_port};
+use common::{PYTHON, Relay, RelayConfig, Sink, dns::TestDns, free_port, raw::RawClient};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -257,6 +257,34 @@ fn smtp_traffic_is_counted_exactly_and_the_exposition_parses() {
         .run()
         .assert_code(REFUSED_AT_END_OF_DATA)
         .assert_contains("550 5.7.1");
+    // 5. One session, byte by byte: a declared size over the limit (552 at
+    // MAIL), a bare LF in the content (smuggling, 550), a NUL byte (550).
+    let cert = relay.dir.path().join("certs/test.crt");
+    let mut c = RawClient::login(relay.submission, &cert, "info@acme.test", "secret");
+    let reply = c.cmd("MAIL FROM:<info@acme.test> SIZE=999999999");
+    assert!(reply.starts_with("552"), "{reply}");
+    for (content, what) in [
+        (
+            &b"From: info@acme.test\r\n\r\nbare\nLF\r\n.\r\n"[..],
+            "bare LF",
+        ),
+        (
+            &b"From: info@acme.test\r\n\r\nNUL\0byte\r\n.\r\n"[..],
+            "NUL",
+        ),
+    ] {
+        c.send(b"MAIL FROM:<info@acme.test>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n");
+        for expect in ["250", "250", "354"] {
+            let reply = c.read_reply().unwrap_or_default();
+            assert!(reply.starts_with(expect), "{what}: {reply}");
+        }
+        c.send(content);
+        let reply = c.read_reply().unwrap_or_default();
+        assert!(reply.starts_with("550"), "{what}: {reply}");
+    }
+    let reply = c.cmd("QUIT");
+    assert!(reply.starts_with("221"), "{reply}");
+    drop(c);
     sink.wait_for(1, WAIT);
     relay.wait_queue_empty(WAIT);
 
@@ -269,21 +297,31 @@ fn smtp_traffic_is_counted_exactly_and_the_exposition_parses() {
     let expect = [
         (
             "domauth_sessions_opened_total{listener=\"submission\"}",
-            3.0,
+            4.0,
         ),
         (
             "domauth_sessions_opened_total{listener=\"submissions\"}",
             1.0,
         ),
-        ("domauth_auth_attempts_total{result=\"success\"}", 3.0),
+        ("domauth_auth_attempts_total{result=\"success\"}", 4.0),
         ("domauth_auth_attempts_total{result=\"failure\"}", 1.0),
         ("domauth_auth_attempts_total{result=\"rate_limited\"}", 0.0),
         ("domauth_messages_accepted_total", 1.0),
         ("domauth_messages_refused_total{reason=\"sender\"}", 1.0),
         ("domauth_messages_refused_total{reason=\"header\"}", 1.0),
-        ("domauth_messages_refused_total{reason=\"size\"}", 0.0),
+        ("domauth_messages_refused_total{reason=\"size\"}", 1.0),
         (
             "domauth_messages_refused_total{reason=\"bare_line_ending\"}",
+            1.0,
+        ),
+        ("domauth_messages_refused_total{reason=\"nul\"}", 1.0),
+        (
+            "domauth_messages_refused_total{reason=\"header_too_large\"}",
+            0.0,
+        ),
+        ("domauth_messages_refused_total{reason=\"disk_full\"}", 0.0),
+        (
+            "domauth_messages_refused_total{reason=\"storage_error\"}",
             0.0,
         ),
         ("domauth_delivery_attempts_total{result=\"delivered\"}", 1.0),
@@ -300,7 +338,7 @@ fn smtp_traffic_is_counted_exactly_and_the_exposition_parses() {
     assert_eq!(after.get("domauth_queue_messages"), 0.0);
     assert_eq!(after.get("domauth_queue_oldest_message_age_seconds"), 0.0);
 
-    // 5. Upstream down: the message waits, the queue shows it and its age,
+    // 6. Upstream down: the message waits, the queue shows it and its age,
     // attempts count as unreachable; upstream back: delivered.
     let (sink_port, sink_dir) = (sink.port, sink.dir.clone());
     sink.stop();
