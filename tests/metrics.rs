@@ -471,3 +471,56 @@ fn a_busy_metrics_port_does_not_stop_the_relay() {
         "one error line names the address:\n{log}"
     );
 }
+
+/// With the default intervals the verification task passes every 30 s; the
+/// by-status gauges do not wait for it: add, verify and delete show at once.
+#[test]
+fn domains_by_status_follow_add_verify_and_delete_at_once() {
+    let dns = TestDns::start("example");
+    let sink = Sink::start();
+    let (relay, port) = relay_with_metrics(&sink, |c| {
+        c.set("dns", "nameservers", &format!("[\"{}\"]", dns.addr()))
+            .set("dns", "timeout", "\"2s\"");
+    });
+    relay.cli_ok(&["hosting", "add", "acme", "--domain", "acme.test"], "");
+    let by_status = |s: &Scrape| {
+        ["pending", "verified", "failed"]
+            .map(|status| s.get(&format!("domauth_domains{{status=\"{status}\"}}")))
+    };
+    assert_eq!(by_status(&scrape(port)), [0.0, 0.0, 0.0]);
+
+    let added = relay.cli_ok(
+        &[
+            "domain",
+            "add",
+            "partner.example",
+            "--hosting",
+            "acme",
+            "--json",
+        ],
+        "",
+    );
+    let added: Value = serde_json::from_str(&added).expect("domain add --json");
+    assert_eq!(by_status(&scrape(port)), [1.0, 0.0, 0.0]);
+
+    let token = added["record"]["value"].as_str().expect("token");
+    dns.set_txt("domauthvalidation.partner.example", &[token]);
+    relay.cli_ok(
+        &["domain", "verify", "partner.example", "--hosting", "acme"],
+        "",
+    );
+    assert_eq!(by_status(&scrape(port)), [0.0, 1.0, 0.0]);
+
+    relay.cli_ok(
+        &[
+            "domain",
+            "delete",
+            "partner.example",
+            "--hosting",
+            "acme",
+            "--yes",
+        ],
+        "",
+    );
+    assert_eq!(by_status(&scrape(port)), [0.0, 0.0, 0.0]);
+}

@@ -239,7 +239,7 @@ impl Metrics {
         let domains = gauges(
             &mut r,
             "domains",
-            "Authorized domains by status, as of the verification task's last pass",
+            "Authorized domains by status",
             "status",
             ["pending", "verified", "failed"],
         );
@@ -402,16 +402,37 @@ pub fn domain_check(outcome: &CheckOutcome) {
     get().domain_checks[i].inc();
 }
 
+fn status_index(status: DomainStatus) -> usize {
+    match status {
+        DomainStatus::Pending => 0,
+        DomainStatus::Verified => 1,
+        DomainStatus::Failed => 2,
+    }
+}
+
+/// A domain's status changed (`None`: it did not exist, or no longer does):
+/// the by-status gauges follow at once.
+pub fn domain_status(from: Option<DomainStatus>, to: Option<DomainStatus>) {
+    if from == to {
+        return;
+    }
+    let m = get();
+    if let Some(s) = from {
+        m.domains[status_index(s)].dec();
+    }
+    if let Some(s) = to {
+        m.domains[status_index(s)].inc();
+    }
+}
+
 /// Every authorized domain, from the verification task's scan (which reads
-/// them all anyway): the by-status gauges cost no extra store read.
+/// them all anyway, so this costs no extra store read): the by-status gauges
+/// are reset to the store's counts, so a change made where no
+/// [`domain_status`] call sits is reflected within one pass.
 pub fn domains(all: &[AuthorizedDomain]) {
     let mut counts = [0i64; 3];
     for d in all {
-        counts[match d.status {
-            DomainStatus::Pending => 0,
-            DomainStatus::Verified => 1,
-            DomainStatus::Failed => 2,
-        }] += 1;
+        counts[status_index(d.status)] += 1;
     }
     for (gauge, n) in get().domains.iter().zip(counts) {
         gauge.set(n);

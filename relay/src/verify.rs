@@ -139,15 +139,21 @@ impl Verifier {
             .await;
         crate::metrics::domain_check(&outcome);
         let now = Utc::now();
+        let mut before = None;
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
+                before = Some(d.status); // the last call is the one stored
                 if d.last_check.is_some_and(|t| t > started) {
                     return; // a newer check already decided
                 }
                 apply(d, &outcome, now, &self.timing);
             })
             .map_err(|e| e.to_string())?;
+        crate::metrics::domain_status(
+            before.filter(|_| updated.is_some()),
+            updated.as_ref().map(|d| d.status),
+        );
         if let Some(d) = &updated {
             tracing::info!(
                 event = "domain_check",

@@ -334,6 +334,7 @@ async fn add_domain(
     let token =
         crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
+    crate::metrics::domain_status(None, Some(d.status));
     tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
     Ok(Json(domain_json(&s.verifier, &d)))
 }
@@ -390,7 +391,9 @@ async fn delete_domain(
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
     let domain = domain_key(&domain)?;
+    let status = s.store.domain(&hosting, &domain)?.map(|d| d.status);
     let accounts = s.store.delete_domain(&hosting, &domain)?;
+    crate::metrics::domain_status(status, None);
     tracing::info!(event = "domain_deleted", hosting = %Escaped(&hosting), domain = %Escaped(&domain), accounts, "admin");
     Ok(Json(
         json!({ "domain": domain, "accounts_deleted": accounts }),
