@@ -284,6 +284,17 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
+/// SMTP sessions open now, every listener (for a status line such as
+/// systemd's `STATUS=`).
+pub fn open_sessions() -> i64 {
+    get().sessions_open.iter().map(Gauge::get).sum()
+}
+
+/// Messages in the queue as the scheduler last saw them (idem).
+pub fn queued_messages() -> i64 {
+    get().queue_messages.get()
+}
+
 fn listener_index(listener: Listener) -> usize {
     match listener {
         Listener::Submission => 0,
@@ -557,6 +568,19 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("domauth_"), "{line}");
         }
+    }
+
+    #[test]
+    fn open_sessions_follow_the_guards() {
+        // The only test that opens sessions: the global gauges are its own.
+        let before = open_sessions();
+        let a = session_opened(Listener::Submission);
+        let b = session_opened(Listener::Submissions);
+        assert_eq!(open_sessions(), before + 2);
+        drop(a);
+        assert_eq!(open_sessions(), before + 1);
+        drop(b);
+        assert_eq!(open_sessions(), before);
     }
 
     #[test]
