@@ -15,6 +15,7 @@
 //! `server` wires up.
 //! `verify_auth` asks a zone's authoritative nameservers (SPEC §9) and
 //! `dns_advice` reads SPF and DMARC for advice.
+//! `metrics` counts what happens, for Prometheus (`GET /metrics`).
 
 pub mod admin;
 pub mod bounce;
@@ -25,6 +26,7 @@ pub mod dkim_keys;
 pub mod dns_advice;
 pub mod dsn;
 pub mod logsafe;
+pub mod metrics;
 pub mod notify;
 pub mod passwords;
 pub mod policy;

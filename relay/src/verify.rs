@@ -158,10 +158,13 @@ impl Verifier {
             spf: Some(spf),
             dmarc: Some(dmarc),
         };
+        crate::metrics::domain_check(&outcome);
         let now = Utc::now();
+        let mut before = None;
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
+                before = Some(d.status); // the last call is the one stored
                 if d.last_check.is_some_and(|t| t > started) {
                     return; // a newer check already decided
                 }
@@ -169,6 +172,10 @@ impl Verifier {
                 d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;
+        crate::metrics::domain_status(
+            before.filter(|_| updated.is_some()),
+            updated.as_ref().map(|d| d.status),
+        );
         if let Some(d) = &updated {
             self.track(d);
             tracing::info!(
@@ -215,6 +222,7 @@ impl Verifier {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.all_domains()).await {
             Ok(Ok(domains)) => {
+                crate::metrics::domains(&domains);
                 for d in &domains {
                     self.schedule
                         .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));

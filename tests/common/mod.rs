@@ -280,7 +280,9 @@ impl RelayConfig {
             .set("queue", "retry_initial", "\"1s\"")
             .set("queue", "retry_max", "\"2s\"")
             .set("queue", "probe_interval", "\"1s\"")
-            .set("limits", "auth_failure_delay", "\"100ms\"");
+            .set("limits", "auth_failure_delay", "\"100ms\"")
+            // Many relays run at once: none takes the default metrics port.
+            .set("metrics", "listen", "[]");
         c
     }
 
