@@ -24,6 +24,7 @@ pub mod reload;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod store_open;
 pub mod tls;
 pub mod upstream;
 pub mod verify;
