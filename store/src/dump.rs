@@ -16,6 +16,9 @@ use crate::{AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, Result, Store
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// A stored key and value.
+pub(crate) type RawEntry = (Vec<u8>, Vec<u8>);
+
 pub const FORMAT: &str = "domauth-store";
 pub const VERSION: u32 = 1;
 
@@ -129,7 +132,7 @@ impl Dump {
 
     /// Checks the header and the tree names; returns the entries as stored bytes, per
     /// tree in `TREES` order.
-    pub(crate) fn raw(&self) -> Result<Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>> {
+    pub(crate) fn raw(&self) -> Result<Vec<(&'static str, Vec<RawEntry>)>> {
         if self.format != FORMAT || self.version != VERSION {
             return Err(StoreError::Invalid(format!(
                 "dump: not a {FORMAT} version {VERSION} document (format {:?}, version {})",

@@ -226,17 +226,20 @@ fn apply(view: &SledStore, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
+/// A tree and a key in it.
+type TreeKey = (&'static str, Vec<u8>);
+
 /// Runs `op` on `view` and lists the keys it wrote (tree, key), in order, once each.
 fn capture<T>(
     view: &SledStore,
     op: impl FnOnce(&SledStore) -> Result<T>,
-) -> Result<(Result<T>, Vec<(&'static str, Vec<u8>)>)> {
+) -> Result<(Result<T>, Vec<TreeKey>)> {
     let mut subscribers = Vec::new();
     for name in TREES {
         subscribers.push((*name, view.tree(name)?.watch_prefix(Vec::new())));
     }
     let result = op(view);
-    let mut touched: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    let mut touched: Vec<TreeKey> = Vec::new();
     for (name, mut sub) in subscribers {
         // Every event of the operation was reserved before its write returned: with a
         // zero timeout this drains them and stops.
