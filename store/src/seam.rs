@@ -84,6 +84,26 @@ impl Store {
         }
     }
 
+    /// Claims the background DNS check of a domain for this node (SPEC §11: each check
+    /// runs on one node only). Always true with sled (one node); with PostgreSQL see
+    /// [`PgStore::claim_check`](crate::PgStore::claim_check).
+    pub fn claim_check(
+        &self,
+        hosting: &str,
+        domain: &str,
+        seen_last_check: Option<crate::DateTime<crate::Utc>>,
+        lease: std::time::Duration,
+    ) -> Result<bool> {
+        match self {
+            Store::Sled(_) => {
+                let _ = (hosting, domain, seen_last_check, lease);
+                Ok(true)
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(pg) => pg.claim_check(hosting, domain, seen_last_check, lease),
+        }
+    }
+
     /// All the authorization data (`domauth store export`).
     pub fn export(&self) -> Result<Dump> {
         read!(self, |s| s.export())

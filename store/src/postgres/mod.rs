@@ -38,6 +38,7 @@ use crate::dump::{Dump, join_key, split_key};
 use crate::sled::{SledStore, TREES, key2};
 use crate::{Result, StoreError};
 use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -272,6 +273,8 @@ struct Inner {
     down_since: Mutex<Option<Instant>>,
     /// Set when the view may hold what the database does not: reload it.
     dirty: AtomicBool,
+    /// Who holds a lease: host name and process id.
+    node: String,
 }
 
 struct ViewState {
@@ -472,6 +475,13 @@ impl PgStore {
                 connected: AtomicBool::new(false),
                 down_since: Mutex::new(None),
                 dirty: AtomicBool::new(false),
+                node: format!(
+                    "{}:{}",
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .unwrap_or_default()
+                        .trim(),
+                    std::process::id()
+                ),
             }),
         };
         let inner = store.inner.clone();
@@ -642,6 +652,52 @@ impl PgStore {
         }
         self.commit(&mut state, &client, rows)?;
         result
+    }
+
+    /// Claims the background check of a domain for this node: true when no other node
+    /// holds its lease and nobody checked it since `seen_last_check` (what this node's
+    /// view says). The lease ends when the check's result lands (a newer `last_check`,
+    /// which also keeps the other nodes off until the next interval) or after `lease`.
+    /// The claim takes the row with `FOR UPDATE SKIP LOCKED`: two nodes claiming at once
+    /// do not wait for each other, one of them gets it.
+    pub fn claim_check(
+        &self,
+        hosting: &str,
+        domain: &str,
+        seen_last_check: Option<DateTime<Utc>>,
+        lease: Duration,
+    ) -> Result<bool> {
+        let mut state = lock(&self.inner.state);
+        let client = self.writer(&mut state)?;
+        let seen = serde_json::to_string(&seen_last_check)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (hosting, domain) = (hosting.to_string(), domain.to_string());
+        let owner = self.inner.node.clone();
+        let secs = lease.as_secs_f64();
+        let claimed = self.block(async move {
+            let rows = client
+                .query(
+                    "UPDATE authorized_domains
+                        SET lease_owner = $3, lease_until = now() + make_interval(secs => $4),
+                            lease_seen = $5::text::jsonb
+                      WHERE (hosting, domain) IN (
+                            SELECT hosting, domain FROM authorized_domains
+                             WHERE hosting = $1 AND domain = $2
+                               AND (lease_until IS NULL OR lease_until < now()
+                                    OR lease_seen IS DISTINCT FROM record->'last_check')
+                               AND record->'last_check' IS NOT DISTINCT FROM $5::text::jsonb
+                               FOR UPDATE SKIP LOCKED)
+                  RETURNING 1",
+                    &[&hosting, &domain, &owner, &secs, &seen],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(!rows.is_empty())
+        });
+        if claimed.is_err() {
+            state.writer = None;
+        }
+        claimed
     }
 
     /// Loads a dump; the database must hold no authorization data yet.

@@ -14,9 +14,10 @@ use crate::Result;
 const MIGRATE_LOCK: i64 = 0x646f_6d61_7574_6831;
 
 /// Migration `n` is applied once, in order; never edit a released one, add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE hostings (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE hostings (
          name text PRIMARY KEY,
          record jsonb NOT NULL
      );
@@ -50,7 +51,19 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          at timestamptz NOT NULL DEFAULT now()
      );
      CREATE INDEX changes_at ON changes (at);",
-)];
+    ),
+    (
+        2,
+        // The background check of a domain runs on one node at a time: a node claims
+        // it by taking this lease (see `PgStore::claim_check`). The lease ends when the
+        // check's result lands (`last_check` differs from `lease_seen`), or when it
+        // expires: a node that dies mid-check loses it.
+        "ALTER TABLE authorized_domains
+             ADD COLUMN lease_owner text,
+             ADD COLUMN lease_until timestamptz,
+             ADD COLUMN lease_seen jsonb;",
+    ),
+];
 
 /// Brings the schema to the newest version. Returns the migrations applied now.
 pub(super) async fn migrate(client: &Client) -> Result<Vec<i32>> {
