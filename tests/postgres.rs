@@ -406,3 +406,46 @@ fn a_change_reaches_the_other_node_within_two_seconds() {
     }
     eprintln!("propagation: worst of 10 changes {worst:?}");
 }
+
+#[test]
+fn auth_failures_are_counted_across_nodes() {
+    let cluster = Cluster::start();
+    let strict = |c: &mut RelayConfig| {
+        c.set("limits", "auth_failures", "3")
+            .set("limits", "auth_window", "\"10m\"");
+    };
+    let mut ca = cluster.config(true, "5m");
+    strict(&mut ca);
+    let mut cb = cluster.config(true, "5m");
+    strict(&mut cb);
+    let a = Relay::start_with(ca);
+    let b = Relay::start_with(cb);
+    a.add_mailbox("acme", "info@acme.test", "secret");
+    wait_send(
+        &b,
+        "info@acme.test",
+        0,
+        "the mailbox on node B",
+        PROPAGATION,
+    );
+    let guess = |relay: &Relay| {
+        relay
+            .swaks()
+            .auth("info@acme.test", "wrong")
+            .from("info@acme.test")
+            .to("someone@example.org")
+            .run()
+    };
+    // Two wrong passwords on node A, one on node B: under each node's own
+    // limit (3), at the limit together.
+    for node in [&a, &a, &b] {
+        guess(node).assert_code(28).assert_contains("535");
+    }
+    // Now even the right password is refused on node A, which saw only two
+    // failures itself (each failure is counted before its 535 is sent); a
+    // further guess on B too.
+    send(&a, "info@acme.test")
+        .assert_code(28)
+        .assert_contains("454");
+    guess(&b).assert_code(28).assert_contains("454");
+}

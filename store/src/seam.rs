@@ -104,6 +104,41 @@ impl Store {
         }
     }
 
+    /// Counts an AUTH failure under each `(kind, key)` (e.g. `("ip", "192.0.2.1")`) in
+    /// the counters all nodes share, and returns the counts. `None` with sled: there the
+    /// relay's own per-process limiter is the only one.
+    pub fn record_auth_failure(
+        &self,
+        keys: &[(&str, &str)],
+        window: std::time::Duration,
+    ) -> Result<Option<Vec<u32>>> {
+        match self {
+            Store::Sled(_) => {
+                let _ = (keys, window);
+                Ok(None)
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(pg) => pg.record_auth_failure(keys, window).map(Some),
+        }
+    }
+
+    /// The shared AUTH failure count of `(kind, key)` within `window`; `None` with sled.
+    pub fn auth_failures(
+        &self,
+        kind: &str,
+        key: &str,
+        window: std::time::Duration,
+    ) -> Result<Option<u32>> {
+        match self {
+            Store::Sled(_) => {
+                let _ = (kind, key, window);
+                Ok(None)
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(pg) => pg.auth_failures(kind, key, window).map(Some),
+        }
+    }
+
     /// All the authorization data (`domauth store export`).
     pub fn export(&self) -> Result<Dump> {
         read!(self, |s| s.export())

@@ -273,6 +273,8 @@ struct Inner {
     down_since: Mutex<Option<Instant>>,
     /// Set when the view may hold what the database does not: reload it.
     dirty: AtomicBool,
+    /// The connection of the AUTH failure counters.
+    counters: Mutex<Option<Arc<Client>>>,
     /// Who holds a lease: host name and process id.
     node: String,
 }
@@ -475,6 +477,7 @@ impl PgStore {
                 connected: AtomicBool::new(false),
                 down_since: Mutex::new(None),
                 dirty: AtomicBool::new(false),
+                counters: Mutex::new(None),
                 node: format!(
                     "{}:{}",
                     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -698,6 +701,90 @@ impl PgStore {
             state.writer = None;
         }
         claimed
+    }
+
+    /// The connection of the AUTH failure counters (apart from the write connection:
+    /// counting never waits for a management write).
+    /// While the listener finds the database down, this fails at once (the caller
+    /// falls back to its own counters) instead of waiting for a connect timeout.
+    fn counters(&self) -> Result<Arc<Client>> {
+        if !self.inner.connected.load(Ordering::SeqCst) {
+            return Err(unavailable("not connected"));
+        }
+        let mut slot = lock(&self.inner.counters);
+        if let Some(c) = slot.as_ref()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let inner = self.inner.clone();
+        let client = Arc::new(self.block(async move {
+            let (client, _notes) = connect(&inner.config).await?;
+            Ok(client)
+        })?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Counts one AUTH failure under each `(kind, key)` in the shared table (a window
+    /// of `window` starting at the first failure); returns the counts now.
+    pub fn record_auth_failure(&self, keys: &[(&str, &str)], window: Duration) -> Result<Vec<u32>> {
+        let client = self.counters()?;
+        let keys: Vec<(String, String)> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let secs = window.as_secs_f64();
+        self.block(async move {
+            let mut counts = Vec::new();
+            for (kind, key) in &keys {
+                let n: i32 = client
+                    .query_one(
+                        "INSERT INTO auth_failures AS f (kind, key, window_start, failures)
+                         VALUES ($1, $2, now(), 1)
+                         ON CONFLICT (kind, key) DO UPDATE SET
+                           window_start = CASE WHEN f.window_start < now() - make_interval(secs => $3)
+                                               THEN now() ELSE f.window_start END,
+                           failures = CASE WHEN f.window_start < now() - make_interval(secs => $3)
+                                           THEN 1 ELSE f.failures + 1 END
+                         RETURNING failures",
+                        &[kind, key, &secs],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .get(0);
+                counts.push(u32::try_from(n).unwrap_or(0));
+            }
+            // Old windows go; the table stays as small as the attack.
+            client
+                .execute(
+                    "DELETE FROM auth_failures
+                      WHERE window_start < now() - make_interval(secs => $1) - interval '1 minute'",
+                    &[&secs],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(counts)
+        })
+    }
+
+    /// The shared AUTH failure count of `(kind, key)` in the current window.
+    pub fn auth_failures(&self, kind: &str, key: &str, window: Duration) -> Result<u32> {
+        let client = self.counters()?;
+        let (kind, key) = (kind.to_string(), key.to_string());
+        let secs = window.as_secs_f64();
+        self.block(async move {
+            let row = client
+                .query_opt(
+                    "SELECT failures FROM auth_failures
+                      WHERE kind = $1 AND key = $2
+                        AND window_start >= now() - make_interval(secs => $3)",
+                    &[&kind, &key, &secs],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(row.map_or(0, |r| u32::try_from(r.get::<_, i32>(0)).unwrap_or(0)))
+        })
     }
 
     /// Loads a dump; the database must hold no authorization data yet.

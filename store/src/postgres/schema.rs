@@ -63,6 +63,18 @@ const MIGRATIONS: &[(i32, &str)] = &[
              ADD COLUMN lease_until timestamptz,
              ADD COLUMN lease_seen jsonb;",
     ),
+    (
+        3,
+        // AUTH failures counted across nodes (SPEC §4 limits, shared): counters only,
+        // so UNLOGGED (not crash-safe, not replicated, cheap to write).
+        "CREATE UNLOGGED TABLE auth_failures (
+             kind text NOT NULL,
+             key text NOT NULL,
+             window_start timestamptz NOT NULL,
+             failures integer NOT NULL,
+             PRIMARY KEY (kind, key)
+         );",
+    ),
 ];
 
 /// Brings the schema to the newest version. Returns the migrations applied now.
