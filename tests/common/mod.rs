@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod faulty;
+pub mod pg;
 pub mod raw;
 
 use std::{
