@@ -2,6 +2,7 @@
 //! Every address must be on loopback; every wait is bounded.
 
 mod client;
+mod dkim_cost;
 mod hold;
 mod load;
 mod plot;
@@ -113,6 +114,14 @@ enum Cmd {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Time one DKIM signature per algorithm with the relay's own signing code.
+    DkimCost {
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 10240)]
+        size: usize,
     },
     /// Open N sessions and hold them idle for T seconds.
     Hold {
@@ -356,6 +365,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             pending,
             dkim_verified,
         ),
+        Cmd::DkimCost { messages, size } => dkim_cost::run(messages, size),
         Cmd::Hold {
             server,
             tls,
