@@ -653,6 +653,7 @@ fn openapi_document_matches_the_server() {
             }
             let r = env.call(Some(&a), &m.to_uppercase(), &fill(path), None);
             assert_eq!(r.status, 405, "{m} {path} is answered but not documented");
+            error_of(&r);
         }
     }
 }
