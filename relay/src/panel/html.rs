@@ -309,19 +309,12 @@ fn forbidden(nav: Nav) -> Response {
 
 fn op_error(nav: Nav, e: OpError) -> Response {
     match e {
-        OpError::NotFound(_) => {
-            let mut r = not_found();
-            // Keep the signed-in navigation.
-            if nav.hosting.is_some() {
-                r = message(
-                    StatusCode::NOT_FOUND,
-                    nav,
-                    "Not found",
-                    "There is no such page or domain.",
-                );
-            }
-            r
-        }
+        OpError::NotFound(_) => message(
+            StatusCode::NOT_FOUND,
+            nav,
+            "Not found",
+            "There is no such page or domain.",
+        ),
         OpError::Internal(m) => {
             tracing::error!(error = %crate::logsafe::Escaped(&m), "panel operation failed");
             message(
