@@ -613,3 +613,23 @@ fn a_slow_panel_client_does_not_hold_up_shutdown() {
         .expect("a request");
     assert_eq!(env.relay.stop(), Some(0), "{}", env.relay.log());
 }
+
+/// `panel.session_idle`: every request extends the session; one left
+/// unused longer than that is over.
+#[test]
+fn idle_sessions_expire() {
+    let env = Env::start(|c| {
+        c.set("panel", "session_idle", "\"2s\"");
+    });
+    let mut b = env.signed_in("acme");
+    let r = b.get("/");
+    assert_eq!(r.status, 200);
+    let set = r.headers_named("set-cookie").join("\n");
+    assert!(
+        set.contains("Max-Age=2"),
+        "each request renews the cookie: {set}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let r = b.get("/");
+    assert_eq!((r.status, r.header("location")), (303, Some("/signin")));
+}

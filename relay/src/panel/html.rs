@@ -42,7 +42,9 @@ pub fn router(state: PanelState, secure_cookie: bool, idle: Duration) -> Router 
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
         .with_secure(secure_cookie)
-        .with_expiry(Expiry::OnInactivity(idle));
+        .with_expiry(Expiry::OnInactivity(idle))
+        // Idle expiry slides with every request, not only with changes.
+        .with_always_save(true);
     Router::new()
         .route("/", get(home))
         .route("/signin", get(signin_page).post(signin))
