@@ -22,6 +22,8 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
     pub panel: PanelConfig,
 }
 
@@ -245,6 +247,58 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[log]` (SPEC §10): `format = "text"` (one readable line an event) or
+/// `"json"` (one JSON object a line, for journald / Loki).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where mailbox passwords come from (SPEC §10).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthBackend {
+    /// Mailboxes added with `domauth mailbox add` (the sled store).
+    Store,
+    /// A running Dovecot, over its authentication client socket.
+    Dovecot,
+    /// A Dovecot passwd-file read directly.
+    PasswdFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub backend: AuthBackend,
+    /// Dovecot's auth client socket (`backend = "dovecot"`).
+    pub socket: PathBuf,
+    /// The passwd-file (`backend = "passwd-file"`).
+    pub path: Option<PathBuf>,
+    /// How long one answer from Dovecot may take: Dovecot delays failures by
+    /// seconds per client IP, so keep it well above its `auth_failure_delay`.
+    pub timeout: Dur,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            backend: AuthBackend::Store,
+            socket: "/run/dovecot/auth-client".into(),
+            path: None,
+            timeout: Dur::secs(15),
+        }
+    }
+}
+
 /// `[panel]`: the hosting panel and its HTTP API (SPEC §8), on one listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -435,6 +489,16 @@ impl Config {
             return Err("limits.auth_failures: must be at least 1".into());
         }
         positive("limits.auth_window", l.auth_window)?;
+        let a = &self.auth;
+        if a.backend == AuthBackend::Dovecot && a.socket.as_os_str().is_empty() {
+            return Err("auth.socket: must be a path with backend = \"dovecot\"".into());
+        }
+        if a.backend == AuthBackend::PasswdFile
+            && a.path.as_ref().is_none_or(|p| p.as_os_str().is_empty())
+        {
+            return Err("auth.path: a passwd-file is needed with backend = \"passwd-file\"".into());
+        }
+        positive("auth.timeout", a.timeout)?;
         self.panel.validate()?;
         Ok(())
     }
@@ -513,6 +577,7 @@ impl Config {
             l.auth_failure_delay,
             max::AUTH_FAILURE_DELAY,
         )?;
+        at_most("auth.timeout", self.auth.timeout, max::TIMEOUT)?;
         Ok(())
     }
 
@@ -742,6 +807,48 @@ mod tests {
         let c = Config::parse("[verification]\ncheck_interval = \"1s\"\ngrace = \"72h\"").unwrap();
         assert_eq!(c.verification.check_interval.get(), Duration::from_secs(1));
         assert_eq!(c.verification.grace.get(), Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn log_format_and_the_packaged_config() {
+        assert_eq!(Config::parse("").unwrap().log.format, LogFormat::Text);
+        let c = Config::parse("[log]\nformat = \"json\"").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::parse("[log]\nformat = \"xml\"").expect_err("unknown format");
+        assert!(err.starts_with("log.format: "), "{err}");
+        // What the .deb installs as /etc/domauth/config.toml.
+        let deb = Config::parse(include_str!("../../dist/config.toml")).expect("dist/config.toml");
+        assert_eq!(deb.server.data_dir, Path::new("/var/lib/domauth"));
+        assert!(!deb.tls.self_signed);
+    }
+
+    #[test]
+    fn auth_backend_keys() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.auth.backend, AuthBackend::Store);
+        assert_eq!(c.auth.socket, PathBuf::from("/run/dovecot/auth-client"));
+        assert_eq!(c.auth.timeout.get(), Duration::from_secs(15));
+        let c =
+            Config::parse("[auth]\nbackend = \"dovecot\"\nsocket = \"/tmp/a\"").expect("dovecot");
+        assert_eq!(c.auth.backend, AuthBackend::Dovecot);
+        let c = Config::parse("[auth]\nbackend = \"passwd-file\"\npath = \"/etc/users\"")
+            .expect("passwd-file");
+        assert_eq!(c.auth.path, Some(PathBuf::from("/etc/users")));
+        for (text, key) in [
+            ("[auth]\nbackend = \"ldap\"", "auth.backend"),
+            ("[auth]\nbackend = \"passwd-file\"", "auth.path"),
+            (
+                "[auth]\nbackend = \"dovecot\"\nsocket = \"\"",
+                "auth.socket",
+            ),
+            ("[auth]\ntimeout = \"0s\"", "auth.timeout"),
+            ("[auth]\ntimeout = \"3d\"", "auth.timeout"),
+            ("[auth]\nsockett = \"/x\"", "sockett"),
+        ] {
+            let err = Config::parse(text).expect_err(text);
+            assert!(err.contains(key), "{text:?}: {err:?} should name {key:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
     }
 
     #[test]

@@ -20,9 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    logsafe::Escaped,
-    policy::{self, Decision},
-    verify::Verifier,
+    logsafe::Escaped, passwords::Backend, policy::Decision, verify::Verifier,
     verify_dns::CheckOutcome,
 };
 
@@ -107,6 +105,8 @@ impl AccountOutcome {
 pub struct Ops {
     pub store: Store,
     pub verifier: Arc<Verifier>,
+    /// Where passwords come from: `explain` finds a login's hosting by it.
+    pub passwords: Backend,
 }
 
 /// RFC 3339 in seconds, UTC, or null.
@@ -159,8 +159,12 @@ fn not_a_domain(hosting: &str, domain: &str) -> OpError {
 }
 
 impl Ops {
-    pub fn new(store: Store, verifier: Arc<Verifier>) -> Ops {
-        Ops { store, verifier }
+    pub fn new(store: Store, verifier: Arc<Verifier>, passwords: Backend) -> Ops {
+        Ops {
+            store,
+            verifier,
+            passwords,
+        }
     }
 
     fn view(&self, d: AuthorizedDomain) -> OpResult<DomainView> {
@@ -192,6 +196,7 @@ impl Ops {
     pub fn add_domain(&self, hosting: &str, domain: &str) -> OpResult<DomainView> {
         let token = crate::verify::new_token().map_err(OpError::Internal)?;
         let d = self.store.add_domain(hosting, domain, &token)?;
+        self.verifier.track(&d);
         tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "domain added");
         self.view(d)
     }
@@ -335,7 +340,7 @@ impl Ops {
 
     /// `domauth explain` for the operator: any login.
     pub fn explain(&self, login: &str, sender: &str) -> Decision {
-        policy::explain(&self.store, login, sender)
+        crate::passwords::explain(&self.passwords, &self.store, login, sender)
     }
 
     /// The sender decision as one hosting may see it: only its own
@@ -347,10 +352,16 @@ impl Ops {
             reason,
         };
         let Ok(address) = normalize_address(login) else {
-            return policy::explain(&self.store, login, sender);
+            return self.explain(login, sender);
         };
-        match self.store.mailbox(&address) {
-            Ok(Some(m)) if m.hosting == hosting => {}
+        // The login's hosting: its mailbox's, or with an outside password
+        // backend the owner of its domain.
+        let owner = match &self.passwords {
+            Backend::Store => self.store.mailbox(&address).map(|m| m.map(|m| m.hosting)),
+            _ => self.store.hosting_of_domain(domain_of(&address)),
+        };
+        match owner {
+            Ok(Some(h)) if h == hosting => {}
             Ok(_) => {
                 return refuse(format!(
                     "unknown login {address}: no such mailbox of hosting {hosting}"
@@ -358,7 +369,7 @@ impl Ops {
             }
             Err(e) => return refuse(format!("store error: {e}")),
         }
-        let d = policy::explain(&self.store, &address, sender);
+        let d = self.explain(&address, sender);
         if d.reason.contains("another hosting") {
             let sender = normalize_address(sender).unwrap_or_else(|_| sender.to_string());
             return refuse(format!(

@@ -119,6 +119,40 @@ pub fn decide(store: &Store, login: &Login, address: &str) -> Decision {
     }
 }
 
+/// `domauth explain` when passwords come from Dovecot or a passwd-file (SPEC
+/// §10): there is no mailbox in the store; the login's hosting is the owner
+/// of its domain. `known`: whether the backend lists the login (`None`:
+/// Dovecot, which only answers with a password).
+pub fn explain_external(store: &Store, login: &str, sender: &str, known: Option<bool>) -> Decision {
+    let address = match normalize_address(login) {
+        Ok(a) => a,
+        Err(e) => return Decision::refuse(format!("invalid login: {e}")),
+    };
+    if known == Some(false) {
+        return Decision::refuse(format!("unknown login {address}: not in the passwd-file"));
+    }
+    let hosting = match store.hosting_of_domain(domain_of(&address)) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return Decision::refuse(format!(
+                "unknown login {address}: its domain belongs to no hosting"
+            ));
+        }
+        Err(e) => return Decision::refuse(format!("store error: {e}")),
+    };
+    let sender = match normalize_address(sender) {
+        Ok(a) => a,
+        Err(e) => return Decision::refuse(format!("invalid sender address: {e}")),
+    };
+    let login = Login { address, hosting };
+    let mut d = decide(store, &login, &sender);
+    if known.is_none() {
+        d.reason
+            .push_str(" (if Dovecot accepts the login's password)");
+    }
+    d
+}
+
 /// `domauth explain`: the decision for a login and an address as typed by a
 /// support agent (any case, with or without angle brackets).
 pub fn explain(store: &Store, login: &str, sender: &str) -> Decision {

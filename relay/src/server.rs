@@ -13,7 +13,7 @@ use std::{
 use domauth_store::{Queue, Store, StoreError};
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     signal::unix::{SignalKind, signal},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
@@ -78,6 +78,8 @@ impl Drop for IpSlot {
 
 pub async fn run(config: Config) -> Result<(), String> {
     let s = &config.server;
+    // Before anything starts: a passwd-file that cannot be read stops start-up.
+    let passwords = crate::passwords::Backend::from_config(&config.auth)?;
     std::fs::create_dir_all(&s.data_dir).map_err(|e| {
         format!(
             "server.data_dir: cannot create {}: {e}",
@@ -122,7 +124,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     for (id, why) in &opened.damaged {
         tracing::error!(event = "message_held", id = %id, error = %why, "queued message damaged; held, see `domauth queue show`");
     }
-    let tls = tls::acceptor(&config.tls, &s.hostname)?;
+    let (tls, certs) = tls::reloadable_acceptor(&config.tls, &s.hostname)?;
     let dns = dns_checker(&config)?;
     let upstream = Upstream::from_config(&config)?;
 
@@ -148,7 +150,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
     let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
-    let ops = crate::ops::Ops::new(store.clone(), verifier.clone());
+    let ops = crate::ops::Ops::new(store.clone(), verifier.clone(), passwords.clone());
     let admin_task = admin::server::serve(
         &s.admin_socket,
         admin::server::AdminState {
@@ -156,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             verifier,
             queue,
             scheduler: queue_handle,
+            passwords: passwords.clone(),
             ops: ops.clone(),
         },
         shutdown.clone(),
@@ -170,6 +173,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             window: l.auth_window.get(),
             failure_delay: l.auth_failure_delay.get(),
             cache_ttl: Duration::from_secs(300),
+            passwords,
         },
     )?;
     let ctx = Arc::new(ConnContext {
@@ -204,8 +208,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         (&s.submissions, Listener::Submissions, "server.submissions"),
     ] {
         for addr in addrs {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = listen(*addr, l.max_connections)
                 .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
             tracing::info!(event = "listening", addr = %addr, listener = ?kind, "listening");
             accept_loops.push(tokio::spawn(accept_loop(
@@ -218,6 +221,16 @@ pub async fn run(config: Config) -> Result<(), String> {
             )));
         }
     }
+    crate::reload::on_sighup(certs, shutdown.clone())?;
+    crate::notify::spawn(
+        crate::notify::StatusSource {
+            connections: connections.clone(),
+            max_connections: l.max_connections,
+            queue_dir: queue_dir.clone(),
+        },
+        shutdown.clone(),
+    );
+    crate::notify::ready();
     tracing::info!(
         event = "started",
         admin_socket = %s.admin_socket.display(),
@@ -226,6 +239,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
 
     wait_for_signal().await?;
+    crate::notify::stopping();
     tracing::info!(
         event = "shutdown",
         "stopping: no new connections; open sessions may finish"
@@ -296,6 +310,25 @@ async fn wait_for_signal() -> Result<(), String> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// A listening socket whose accept queue holds a burst of `max_connections`
+/// clients. `TcpListener::bind` asks for 128, as std does: 500 clients
+/// connecting at once while both cores are busy with TLS handshakes overflowed
+/// it, and the kernel then completed those connections only at the fifth SYN-ACK
+/// retransmission, 31 s later (`nstat` TcpExtListenOverflows; bench/run's
+/// concurrency sweep saw it as sessions without a greeting). The kernel caps the
+/// value at `net.core.somaxconn` (4096 on current Linux).
+fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted relay can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections.clamp(128, 65_535)).unwrap_or(4096))
 }
 
 async fn accept_loop(

@@ -2,7 +2,11 @@
 //! causes, `domain verify` on demand, and the background task that re-checks
 //! pending and verified domains. The DNS lookup itself is in `verify_dns.rs`.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use domauth_store::{AuthorizedDomain, DomainStatus, Store};
@@ -95,6 +99,10 @@ pub struct Verifier {
     dns: DnsChecker,
     config: VerificationConfig,
     timing: Timing,
+    /// When each domain is next due (see [`Verifier::run`]).
+    timeline: std::sync::Mutex<Timeline>,
+    /// Wakes the background task when the timeline changed.
+    wake: tokio::sync::Notify,
 }
 
 impl Verifier {
@@ -108,6 +116,8 @@ impl Verifier {
             dns,
             config,
             timing,
+            timeline: std::sync::Mutex::new(Timeline::default()),
+            wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -151,17 +161,21 @@ impl Verifier {
                 ));
             }
         }
-        let now = Utc::now();
+        // A check is dated by when it asked DNS: the check that asked last
+        // decides, whichever answer arrives last. (Dated by its answer, a
+        // background check that asked before the record was published and
+        // answered after `domain verify` asked would undo that verify.)
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
                 if d.last_check.is_some_and(|t| t > started) {
-                    return; // a newer check already decided
+                    return; // a check that asked later already decided
                 }
-                apply(d, &outcome, now, &self.timing);
+                apply(d, &outcome, started, &self.timing);
             })
             .map_err(|e| e.to_string())?;
         if let Some(d) = &updated {
+            self.track(d);
             tracing::info!(
                 event = "domain_check",
                 hosting = %hosting,
@@ -175,75 +189,169 @@ impl Verifier {
         Ok(updated.map(|d| (d, outcome)))
     }
 
-    fn due(&self, d: &AuthorizedDomain, now: DateTime<Utc>) -> bool {
+    /// When the background task should next check `d`: pending domains every
+    /// `check_interval`, verified ones every `recheck_interval`, failed ones never
+    /// (only `domain verify` revives them).
+    fn next_check(&self, d: &AuthorizedDomain) -> Option<DateTime<Utc>> {
         let interval = match d.status {
             DomainStatus::Pending => self.config.check_interval.get(),
             DomainStatus::Verified => self.config.recheck_interval.get(),
-            DomainStatus::Failed => return false,
+            DomainStatus::Failed => return None,
         };
-        match d.last_check {
-            None => true,
-            Some(t) => elapsed(t, now) >= interval,
+        Some(match d.last_check {
+            None => Utc::now(),
+            Some(t) => t + chrono::Duration::from_std(interval).unwrap_or(chrono::TimeDelta::MAX),
+        })
+    }
+
+    /// Puts `d` on the background task's timeline (or takes it off when it is
+    /// failed). Called for every domain the task has not seen yet — `domain add`
+    /// — and after every check, so the task never has to scan the store to
+    /// find what is due.
+    pub fn track(&self, d: &AuthorizedDomain) {
+        let key = (d.hosting.clone(), d.domain.clone());
+        let mut timeline = lock(&self.timeline);
+        match self.next_check(d) {
+            Some(at) => timeline.set(key, at),
+            None => timeline.remove(&key),
+        }
+        drop(timeline);
+        self.wake.notify_one();
+    }
+
+    /// Every domain in the store onto the timeline: at start, and now and then
+    /// in case a domain reached the store by a path that did not call
+    /// [`Verifier::track`]. Off the async runtime (10,000 domains are a few
+    /// milliseconds of sled reads and JSON).
+    async fn track_all(&self) {
+        let store = self.store.clone();
+        let scanned = tokio::task::spawn_blocking(move || store.all_domains())
+            .await
+            .unwrap_or_else(|e| {
+                Err(domauth_store::StoreError::Io(format!(
+                    "domain scan task failed: {e}"
+                )))
+            });
+        match scanned {
+            Ok(domains) => {
+                let mut timeline = lock(&self.timeline);
+                for d in &domains {
+                    let key = (d.hosting.clone(), d.domain.clone());
+                    match self.next_check(d) {
+                        // A domain already on the timeline keeps its slot: it may
+                        // have been checked since the scan read it.
+                        Some(at) if !timeline.contains(&key) => timeline.set(key, at),
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot list domains"),
         }
     }
 
-    /// The background task: every tick, checks the domains that are due,
-    /// several at once (bounded), so one slow nameserver holds up nobody.
+    /// The background task: checks the domains whose time has come, several at
+    /// once (bounded), so one slow nameserver holds up nobody. It sleeps until
+    /// the next domain is due; the store is scanned once at start and then only
+    /// every [`RESCAN`].
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let tick = self
-            .config
-            .check_interval
-            .get()
-            .min(self.config.recheck_interval.get())
-            .clamp(Duration::from_millis(200), Duration::from_secs(30));
+        const RESCAN: Duration = Duration::from_secs(600);
         let limit = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
-        // Domains being checked right now: not scheduled twice.
+        // Domains being checked right now: not started twice.
         let in_progress = Arc::new(std::sync::Mutex::new(HashSet::new()));
         let mut running: JoinSet<()> = JoinSet::new();
+        self.track_all().await;
+        let mut rescan_at = tokio::time::Instant::now() + RESCAN;
         loop {
             while let Some(done) = running.try_join_next() {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "domain check task failed");
                 }
             }
-            let now = Utc::now();
-            // A scan of every domain: off the async runtime (10,000 domains are a few
-            // milliseconds of sled reads and JSON).
-            let store = self.store.clone();
-            let scanned = tokio::task::spawn_blocking(move || store.all_domains())
-                .await
-                .unwrap_or_else(|e| {
-                    Err(domauth_store::StoreError::Io(format!(
-                        "domain scan task failed: {e}"
-                    )))
-                });
-            match scanned {
-                Ok(domains) => {
-                    for d in domains.into_iter().filter(|d| self.due(d, now)) {
-                        let key = (d.hosting, d.domain);
-                        if !lock(&in_progress).insert(key.clone()) {
-                            continue;
-                        }
-                        let (this, limit, in_progress) =
-                            (self.clone(), limit.clone(), in_progress.clone());
-                        running.spawn(async move {
-                            if let Ok(_permit) = limit.acquire().await
-                                && let Err(e) = this.check(&key.0, &key.1).await
-                            {
-                                tracing::error!(error = %e, domain = %key.1, "domain check failed");
-                            }
-                            lock(&in_progress).remove(&key);
-                        });
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot list domains"),
+            if tokio::time::Instant::now() >= rescan_at {
+                self.track_all().await;
+                rescan_at = tokio::time::Instant::now() + RESCAN;
             }
+            let now = Utc::now();
+            let due = lock(&self.timeline).take_due(now);
+            for key in due {
+                if !lock(&in_progress).insert(key.clone()) {
+                    continue;
+                }
+                let (this, limit, in_progress) = (self.clone(), limit.clone(), in_progress.clone());
+                running.spawn(async move {
+                    if let Ok(_permit) = limit.acquire().await
+                        && let Err(e) = this.check(&key.0, &key.1).await
+                    {
+                        tracing::error!(error = %e, domain = %key.1, "domain check failed");
+                        // Try again one interval later rather than never.
+                        let retry = Utc::now()
+                            + chrono::Duration::from_std(this.config.check_interval.get())
+                                .unwrap_or(chrono::TimeDelta::MAX);
+                        lock(&this.timeline).set(key.clone(), retry);
+                    }
+                    lock(&in_progress).remove(&key);
+                });
+            }
+            // Sleep until the next domain is due (at most until the next rescan).
+            let next = lock(&self.timeline).next_due();
+            let sleep_for = next
+                .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
+                .unwrap_or(RESCAN)
+                .min(rescan_at.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = self.wake.notified() => {}
                 _ = shutdown.changed() => break,
             }
         }
         running.abort_all();
+    }
+}
+
+type DomainKey = (String, String);
+
+/// The background task's schedule: when each domain is next due, ordered by
+/// time. Kept in memory, so a tick costs the due domains, not all of them.
+#[derive(Default)]
+struct Timeline {
+    by_time: BTreeSet<(DateTime<Utc>, DomainKey)>,
+    by_key: HashMap<DomainKey, DateTime<Utc>>,
+}
+
+impl Timeline {
+    fn set(&mut self, key: DomainKey, at: DateTime<Utc>) {
+        if let Some(old) = self.by_key.insert(key.clone(), at) {
+            self.by_time.remove(&(old, key.clone()));
+        }
+        self.by_time.insert((at, key));
+    }
+
+    fn remove(&mut self, key: &DomainKey) {
+        if let Some(old) = self.by_key.remove(key) {
+            self.by_time.remove(&(old, key.clone()));
+        }
+    }
+
+    fn contains(&self, key: &DomainKey) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    fn next_due(&self) -> Option<DateTime<Utc>> {
+        self.by_time.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns every domain due at `now`.
+    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<DomainKey> {
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.by_time.first()
+            && *at <= now
+        {
+            if let Some((_, key)) = self.by_time.pop_first() {
+                self.by_key.remove(&key);
+                due.push(key);
+            }
+        }
+        due
     }
 }
 
@@ -271,6 +379,25 @@ mod tests {
             pending_expiry: Duration::from_secs(100),
             grace: Duration::from_secs(50),
         }
+    }
+
+    #[test]
+    fn timeline_hands_out_due_domains_once_in_time_order() {
+        let t0 = Utc::now();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let key = |d: &str| ("acme".to_string(), d.to_string());
+        let mut t = Timeline::default();
+        t.set(key("c.example"), at(30));
+        t.set(key("a.example"), at(10));
+        t.set(key("b.example"), at(20));
+        // Re-setting moves a domain instead of adding it twice.
+        t.set(key("c.example"), at(5));
+        assert_eq!(t.next_due(), Some(at(5)));
+        assert_eq!(t.take_due(at(10)), vec![key("c.example"), key("a.example")]);
+        assert!(t.take_due(at(10)).is_empty(), "handed out once");
+        assert!(t.contains(&key("b.example")) && !t.contains(&key("a.example")));
+        t.remove(&key("b.example"));
+        assert_eq!((t.next_due(), t.take_due(at(100))), (None, vec![]));
     }
 
     #[test]

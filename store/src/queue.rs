@@ -814,20 +814,18 @@ impl MessageReader {
         let want = usize::try_from(self.remaining)
             .unwrap_or(usize::MAX)
             .min(max);
-        buf.resize(want, 0);
-        let mut filled = 0;
-        while filled < want {
-            match self.file.read(&mut buf[filled..]) {
-                Ok(0) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: message cut short",
-                        self.path.display()
-                    )));
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(classify("cannot read", &self.path, e)),
-            }
+        // `read_to_end` fills the spare capacity without zeroing it first (the
+        // buffer is reused for every chunk of a delivery).
+        buf.reserve_exact(want);
+        let got = (&mut self.file)
+            .take(want as u64)
+            .read_to_end(buf)
+            .map_err(|e| classify("cannot read", &self.path, e))?;
+        if got < want {
+            return Err(StoreError::Corrupt(format!(
+                "{}: message cut short",
+                self.path.display()
+            )));
         }
         self.crc.update(buf);
         self.remaining -= want as u64;

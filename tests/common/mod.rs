@@ -220,12 +220,15 @@ impl Drop for Sink {
 #[derive(Clone)]
 pub struct RelayConfig {
     values: BTreeMap<(String, String), String>,
+    /// Extra environment for `domauth serve` (e.g. `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
 }
 
 impl RelayConfig {
     pub fn new(upstream_port: u16) -> RelayConfig {
         let mut c = RelayConfig {
             values: BTreeMap::new(),
+            env: Vec::new(),
         };
         let submission = free_port();
         let mut submissions = free_port();
@@ -279,6 +282,12 @@ impl RelayConfig {
             (section.to_string(), key.to_string()),
             toml_value.to_string(),
         );
+        self
+    }
+
+    /// Sets an environment variable for the relay process.
+    pub fn env(&mut self, name: &str, value: &str) -> &mut RelayConfig {
+        self.env.push((name.to_string(), value.to_string()));
         self
     }
 
@@ -377,6 +386,7 @@ impl Relay {
             .args(["serve", "--config"])
             .arg(self.config_path())
             .current_dir(self.dir.path())
+            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -419,6 +429,12 @@ impl Relay {
             panic!("domauth did not stop on SIGTERM:\n{}", self.log());
         }
         status.and_then(|s| s.code())
+    }
+
+    /// Sends `kill -SIGNAL` (e.g. "HUP") to the running relay.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the relay runs");
+        send_signal(child, signal);
     }
 
     /// Kills the relay with SIGKILL: no chance to flush anything.

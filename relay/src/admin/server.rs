@@ -35,6 +35,8 @@ pub struct AdminState {
     /// `retry` and `delete`).
     pub queue: Queue,
     pub scheduler: QueueHandle,
+    /// Where passwords come from: `explain` finds the login's hosting by it.
+    pub passwords: crate::passwords::Backend,
     /// The domain, account and explain operations, shared with the panel and the API.
     pub ops: Ops,
 }

@@ -157,6 +157,14 @@ pub fn auth_temporary_failure() -> Reply {
     Reply::new(454, "4.7.0 Temporary authentication failure")
 }
 
+/// `[auth] backend = "dovecot"` and Dovecot is down or did not answer.
+pub fn auth_backend_unavailable() -> Reply {
+    Reply::new(
+        454,
+        "4.7.0 Temporary authentication failure: password service unavailable, try again later",
+    )
+}
+
 pub fn auth_required() -> Reply {
     Reply::new(530, "5.7.0 Authentication required")
 }

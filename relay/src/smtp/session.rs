@@ -74,6 +74,8 @@ pub enum AuthResult {
     Failed,
     RateLimited,
     TemporaryFailure,
+    /// The password backend (Dovecot) is down or did not answer in time.
+    BackendUnavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +357,7 @@ impl Session {
             AuthResult::Failed => Action::Reply(reply::auth_failed()),
             AuthResult::RateLimited => Action::Reply(reply::auth_rate_limited()),
             AuthResult::TemporaryFailure => Action::Reply(reply::auth_temporary_failure()),
+            AuthResult::BackendUnavailable => Action::Reply(reply::auth_backend_unavailable()),
         };
         self.count_errors(action)
     }
