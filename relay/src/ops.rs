@@ -453,6 +453,142 @@ mod tests {
         assert!(split_addresses(" \n , ").is_empty());
     }
 
+    fn ops() -> (tempfile::TempDir, Ops) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let dns = crate::verify_dns::DnsChecker::new(
+            &["127.0.0.1:9".parse().expect("addr")],
+            std::time::Duration::from_secs(1),
+        )
+        .expect("dns");
+        let verifier = Verifier::new(store.clone(), dns, Default::default());
+        for (h, d) in [("acme", "acme.test"), ("beta", "beta.test")] {
+            store.add_hosting(h, &[d.to_string()]).expect("hosting");
+            store
+                .add_mailbox(&format!("info@{d}"), "$argon2id$x")
+                .expect("mailbox");
+        }
+        (dir, Ops::new(store, verifier, Backend::Store))
+    }
+
+    fn verify_now(ops: &Ops, hosting: &str, domain: &str) {
+        ops.store
+            .update_domain(hosting, domain, |d| {
+                d.status = domauth_store::DomainStatus::Verified
+            })
+            .expect("update");
+    }
+
+    #[test]
+    fn tokens_issue_check_revoke() {
+        let (_dir, ops) = ops();
+        let t = ops.issue_token("acme").unwrap();
+        assert!(t.starts_with("dat_") && t.len() >= 4 + 16 + 1 + 64, "{t}");
+        assert_eq!(ops.hosting_of_token(&t).unwrap().as_deref(), Some("acme"));
+        let tampered = format!("{}0", &t[..t.len() - 1]);
+        for bad in [
+            tampered.as_str(),
+            "",
+            "dat_",
+            "dat__",
+            "dat_zz_00",
+            &t[4..],
+            &t.replace("dat_", "dat_x"),
+        ] {
+            assert_eq!(ops.hosting_of_token(bad).unwrap(), None, "{bad:?}");
+        }
+        assert!(matches!(
+            ops.issue_token("nobody"),
+            Err(OpError::NotFound(_))
+        ));
+        assert_eq!(ops.revoke_tokens("acme").unwrap(), 1);
+        assert_eq!(ops.hosting_of_token(&t).unwrap(), None);
+    }
+
+    #[test]
+    fn accounts_per_address_within_one_domain() {
+        let (_dir, ops) = ops();
+        ops.add_domain("acme", "partner.example").unwrap();
+        let pending = ops
+            .add_accounts_to("acme", "partner.example", &["a@partner.example".into()])
+            .unwrap();
+        assert!(matches!(&pending[0].1, AccountOutcome::Refused(w) if w.contains("pending")));
+        verify_now(&ops, "acme", "partner.example");
+        let input: Vec<String> = [
+            "A@Partner.Example",
+            "a@partner.example",
+            "x@other.example",
+            "bad",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = ops
+            .add_accounts_to("acme", "partner.example", &input)
+            .unwrap();
+        let words: Vec<(&str, &str)> = out.iter().map(|(a, o)| (a.as_str(), o.word())).collect();
+        assert_eq!(
+            words,
+            [
+                ("a@partner.example", "added"),
+                ("x@other.example", "refused"),
+                ("bad", "refused"),
+            ]
+        );
+        let again = ops
+            .add_accounts_to("acme", "partner.example", &["a@partner.example".into()])
+            .unwrap();
+        assert_eq!(again[0].1, AccountOutcome::AlreadyListed);
+        // Another hosting's domain is not found, exactly like none.
+        for d in ["partner.example", "ghost.example"] {
+            assert!(matches!(ops.domain("beta", d), Err(OpError::NotFound(_))));
+            assert!(matches!(
+                ops.add_accounts_to("beta", d, &input),
+                Err(OpError::NotFound(_))
+            ));
+            assert!(matches!(
+                ops.delete_account_of("beta", d, "a@partner.example"),
+                Err(OpError::NotFound(_))
+            ));
+            assert!(matches!(
+                ops.delete_domain("beta", d),
+                Err(OpError::NotFound(_))
+            ));
+        }
+        assert!(matches!(
+            ops.delete_account_of("acme", "partner.example", "info@acme.test"),
+            Err(OpError::NotFound(_))
+        ));
+        ops.delete_account_of("acme", "partner.example", "A@partner.example")
+            .unwrap();
+        assert_eq!(ops.domain("acme", "partner.example").unwrap().accounts, 0);
+    }
+
+    #[test]
+    fn explain_for_one_hosting_says_nothing_of_the_others() {
+        let (_dir, ops) = ops();
+        ops.add_domain("beta", "partner.example").unwrap();
+        verify_now(&ops, "beta", "partner.example");
+        ops.add_account("beta", "sales@partner.example").unwrap();
+        // The operator hears the truth...
+        let d = ops.explain("info@acme.test", "sales@partner.example");
+        assert!(d.reason.contains("another hosting"), "{}", d.reason);
+        // ...acme hears only about itself.
+        let d = ops.explain_for("acme", "info@acme.test", "sales@partner.example");
+        assert!(!d.allowed);
+        assert!(!d.reason.contains("another"), "{}", d.reason);
+        let foreign = ops.explain_for("acme", "info@beta.test", "sales@partner.example");
+        let unknown = ops.explain_for("acme", "nobody@acme.test", "sales@partner.example");
+        assert!(!foreign.allowed && !unknown.allowed);
+        assert_eq!(
+            foreign.reason.replace("info@beta.test", "X"),
+            unknown.reason.replace("nobody@acme.test", "X")
+        );
+        assert!(
+            ops.explain_for("beta", "info@beta.test", "sales@partner.example")
+                .allowed
+        );
+    }
+
     #[test]
     fn random_hex_is_random() {
         let a = random_hex(32).unwrap();
