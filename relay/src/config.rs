@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub deliverability: DeliverabilityConfig,
     pub panel: PanelConfig,
 }
 
@@ -148,6 +149,9 @@ impl UpstreamConfig {
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     pub timeout: Dur,
+    /// With `nameservers` empty: the file whose nameservers find the zone's authoritative
+    /// servers (README; tests point it at a DNS server of their own).
+    pub resolv_conf: PathBuf,
 }
 
 impl Default for DnsConfig {
@@ -155,6 +159,26 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+/// SPEC §9: signing of authorized domains' mail and SPF advice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverabilityConfig {
+    /// Sign mail of authorized domains whose DKIM record is verified.
+    pub dkim: bool,
+    /// The SPF include that covers the relay (`_spf.hosting.example`); empty: no advice.
+    pub spf_include: String,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            dkim: true,
+            spf_include: String::new(),
         }
     }
 }
@@ -449,6 +473,15 @@ impl Config {
             positive(key, d)?;
         }
         positive("dns.timeout", self.dns.timeout)?;
+        if self.dns.resolv_conf.as_os_str().is_empty() {
+            return Err("dns.resolv_conf: must be a path".into());
+        }
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && !crate::dns_advice::is_spf_domain(include) {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         let v = &self.verification;
         let label_ok = !v.record_label.is_empty()
             && v.record_label.len() <= 63
@@ -684,6 +717,16 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
+            (
+                "[deliverability]\nspf_include = \"a..b\"",
+                "deliverability.spf_include",
+            ),
+            ("[deliverability]\ndkim = \"yes\"", "dkim"),
+            (
+                "[deliverability]\nspf_include = \"not a name\"",
+                "deliverability.spf_include",
+            ),
+            ("[dns]\nresolv_conf = \"\"", "dns.resolv_conf"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.

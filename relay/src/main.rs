@@ -131,15 +131,26 @@ enum DomainCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Make a new DKIM selector pair; the old one signs until the new records are verified.
+    #[command(name = "dkim-rotate")]
+    DkimRotate {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum AccountCmd {
+    /// `'*@DOMAIN'` grants every address of the domain.
     Add {
         #[arg(required = true)]
         addresses: Vec<String>,
         #[arg(long)]
         hosting: String,
+        /// Only this mailbox of the hosting may use the account (repeatable).
+        #[arg(long = "mailbox")]
+        mailboxes: Vec<String>,
     },
     List {
         #[arg(long)]
@@ -192,9 +203,20 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
                 hosting,
                 yes,
             },
+            DomainCmd::DkimRotate { domain, hosting } => {
+                Admin::DomainDkimRotate { domain, hosting }
+            }
         },
         Cmd::Account(c) => match c {
-            AccountCmd::Add { addresses, hosting } => Admin::AccountAdd { addresses, hosting },
+            AccountCmd::Add {
+                addresses,
+                hosting,
+                mailboxes,
+            } => Admin::AccountAdd {
+                addresses,
+                hosting,
+                mailboxes,
+            },
             AccountCmd::List { hosting, domain } => Admin::AccountList { hosting, domain },
             AccountCmd::Delete { address, hosting } => Admin::AccountDelete { address, hosting },
         },

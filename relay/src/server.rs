@@ -130,7 +130,11 @@ pub async fn run(config: Config) -> Result<(), String> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (queue_handle, queue_rx) = queue::channel();
-    let spool = Spool::start(queue.clone(), queue_handle.clone())?;
+    let signer = config
+        .deliverability
+        .dkim
+        .then(|| crate::dkim::Signer::new(store.clone()));
+    let spool = Spool::start(queue.clone(), queue_handle.clone(), signer)?;
     let workers = queue::start(
         queue.clone(),
         opened.messages,
@@ -148,7 +152,19 @@ pub async fn run(config: Config) -> Result<(), String> {
         queue_rx,
         shutdown.clone(),
     );
-    let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
+    let dkim_keys = crate::dkim_keys::DkimKeys::new(
+        store.clone(),
+        dns.clone(),
+        config.verification.clone(),
+        config.deliverability.dkim,
+    );
+    let dkim_task = tokio::spawn(dkim_keys.clone().run(shutdown.clone()));
+    let verifier = Verifier::with_spf_include(
+        store.clone(),
+        dns,
+        config.verification.clone(),
+        config.deliverability.spf_include.clone(),
+    );
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
     let ops = crate::ops::Ops::new(store.clone(), verifier.clone(), passwords.clone());
     let admin_task = admin::server::serve(
@@ -159,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             queue,
             scheduler: queue_handle,
             passwords: passwords.clone(),
+            dkim: dkim_keys,
             ops: ops.clone(),
         },
         shutdown.clone(),
@@ -273,6 +290,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     }
     verifier_task.abort();
+    dkim_task.abort();
     let _ = tokio::time::timeout_at(deadline, admin_task).await;
     store
         .flush()
@@ -285,9 +303,17 @@ pub async fn run(config: Config) -> Result<(), String> {
 /// DNS only serves domain verification, so a machine without a usable
 /// resolv.conf (a bare container) still relays mail: the checks then go to
 /// 127.0.0.1:53 and report `dns error` until `dns.nameservers` is set.
+/// With `dns.nameservers` empty the checks ask the authoritative servers
+/// (SPEC §9), found through the nameservers of `dns.resolv_conf`.
 fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
     let timeout = config.dns.timeout.get();
-    match DnsChecker::new(&config.dns.nameservers, timeout) {
+    let checker = if config.dns.nameservers.is_empty() {
+        crate::verify_dns::system_nameservers_from(&config.dns.resolv_conf)
+            .and_then(|bootstrap| DnsChecker::authoritative(&bootstrap, timeout))
+    } else {
+        DnsChecker::new(&config.dns.nameservers, timeout)
+    };
+    match checker {
         Ok(dns) => Ok(dns),
         Err(e) if config.dns.nameservers.is_empty() => {
             tracing::warn!(
@@ -295,7 +321,7 @@ fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
                 error = %e,
                 "no system nameserver; domain checks use 127.0.0.1:53 until dns.nameservers is set"
             );
-            DnsChecker::new(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
+            DnsChecker::authoritative(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
                 .map_err(|e| format!("dns.nameservers: {e}"))
         }
         Err(e) => Err(format!("dns.nameservers: {e}")),

@@ -2,19 +2,16 @@
 //! causes, `domain verify` on demand, and the background task that re-checks
 //! pending and verified domains. The DNS lookup itself is in `verify_dns.rs`.
 
-use std::{
-    collections::{BTreeSet, HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use domauth_store::{AuthorizedDomain, DomainStatus, Store};
-use tokio::{sync::watch, task::JoinSet};
+use tokio::sync::watch;
 
 use crate::{
     config::VerificationConfig,
     logsafe::Escaped,
+    schedule::{self, Schedule},
     verify_dns::{CheckOutcome, DnsChecker},
 };
 
@@ -86,10 +83,6 @@ pub fn apply(
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     (now - since).to_std().unwrap_or_default()
 }
@@ -100,13 +93,23 @@ pub struct Verifier {
     config: VerificationConfig,
     timing: Timing,
     /// When each domain is next due (see [`Verifier::run`]).
-    timeline: std::sync::Mutex<Timeline>,
-    /// Wakes the background task when the timeline changed.
-    wake: tokio::sync::Notify,
+    schedule: Schedule,
+    /// `[deliverability] spf_include`: what the SPF advice looks for (empty: none).
+    spf_include: String,
 }
 
 impl Verifier {
     pub fn new(store: Store, dns: DnsChecker, config: VerificationConfig) -> Arc<Verifier> {
+        Verifier::with_spf_include(store, dns, config, String::new())
+    }
+
+    /// A verifier whose checks also give SPF advice about `spf_include` (SPEC §9).
+    pub fn with_spf_include(
+        store: Store,
+        dns: DnsChecker,
+        config: VerificationConfig,
+        spf_include: String,
+    ) -> Arc<Verifier> {
         let timing = Timing {
             pending_expiry: config.pending_expiry.get(),
             grace: config.grace.get(),
@@ -116,8 +119,8 @@ impl Verifier {
             dns,
             config,
             timing,
-            timeline: std::sync::Mutex::new(Timeline::default()),
-            wake: tokio::sync::Notify::new(),
+            schedule: Schedule::default(),
+            spf_include,
         })
     }
 
@@ -148,19 +151,29 @@ impl Verifier {
             return Ok(None);
         };
         let started = Utc::now();
-        let name = self.record_name(&current.domain);
-        let mut outcome = self.dns.check(&name, &current.token).await;
+        // The SPF/DMARC advice (SPEC §9) is read beside the proof; never a condition.
+        let record_name = self.record_name(&current.domain);
+        let ((mut outcome, auth), (spf, dmarc)) = tokio::join!(
+            self.dns.check_report(&record_name, &current.token),
+            crate::dns_advice::advise(&self.dns, &current.domain, &self.spf_include),
+        );
         if !matches!(outcome, CheckOutcome::Verified) && !outcome.is_temporary() {
             // The commonest mistake: a DNS panel appended the zone to a
             // name typed in full. Say so instead of a bare "not found".
-            let doubled = format!("{name}.{}", current.domain);
+            let doubled = format!("{record_name}.{}", current.domain);
             if self.dns.check(&doubled, &current.token).await == CheckOutcome::Verified {
                 outcome = CheckOutcome::NotFound(format!(
-                    "no matching TXT record at {name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
+                    "no matching TXT record at {record_name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
                     self.config.record_label
                 ));
             }
         }
+        let report = domauth_store::DnsReport {
+            zone: auth.zone,
+            servers: auth.servers,
+            spf: Some(spf),
+            dmarc: Some(dmarc),
+        };
         // A check is dated by when it asked DNS: the check that asked last
         // decides, whichever answer arrives last. (Dated by its answer, a
         // background check that asked before the record was published and
@@ -172,6 +185,7 @@ impl Verifier {
                     return; // a check that asked later already decided
                 }
                 apply(d, &outcome, started, &self.timing);
+                d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;
         if let Some(d) = &updated {
@@ -198,160 +212,60 @@ impl Verifier {
             DomainStatus::Verified => self.config.recheck_interval.get(),
             DomainStatus::Failed => return None,
         };
-        Some(match d.last_check {
-            None => Utc::now(),
-            Some(t) => t + chrono::Duration::from_std(interval).unwrap_or(chrono::TimeDelta::MAX),
-        })
+        Some(
+            d.last_check
+                .map_or_else(Utc::now, |t| schedule::after(t, interval)),
+        )
     }
 
-    /// Puts `d` on the background task's timeline (or takes it off when it is
-    /// failed). Called for every domain the task has not seen yet — `domain add`
-    /// — and after every check, so the task never has to scan the store to
-    /// find what is due.
+    /// Puts `d` on the background task's schedule (or takes it off when it is
+    /// failed). Called at `domain add` and after every check, so the task never
+    /// scans the store to find what is due.
     pub fn track(&self, d: &AuthorizedDomain) {
-        let key = (d.hosting.clone(), d.domain.clone());
-        let mut timeline = lock(&self.timeline);
-        match self.next_check(d) {
-            Some(at) => timeline.set(key, at),
-            None => timeline.remove(&key),
-        }
-        drop(timeline);
-        self.wake.notify_one();
+        self.schedule
+            .set((d.hosting.clone(), d.domain.clone()), self.next_check(d));
     }
 
-    /// Every domain in the store onto the timeline: at start, and now and then
-    /// in case a domain reached the store by a path that did not call
+    /// Every domain in the store onto the schedule: at start, and now and then in
+    /// case a domain reached the store by a path that did not call
     /// [`Verifier::track`]. Off the async runtime (10,000 domains are a few
     /// milliseconds of sled reads and JSON).
     async fn track_all(&self) {
         let store = self.store.clone();
-        let scanned = tokio::task::spawn_blocking(move || store.all_domains())
-            .await
-            .unwrap_or_else(|e| {
-                Err(domauth_store::StoreError::Io(format!(
-                    "domain scan task failed: {e}"
-                )))
-            });
-        match scanned {
-            Ok(domains) => {
-                let mut timeline = lock(&self.timeline);
+        match tokio::task::spawn_blocking(move || store.all_domains()).await {
+            Ok(Ok(domains)) => {
                 for d in &domains {
-                    let key = (d.hosting.clone(), d.domain.clone());
-                    match self.next_check(d) {
-                        // A domain already on the timeline keeps its slot: it may
-                        // have been checked since the scan read it.
-                        Some(at) if !timeline.contains(&key) => timeline.set(key, at),
-                        _ => {}
-                    }
+                    self.schedule
+                        .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));
                 }
             }
-            Err(e) => tracing::error!(error = %e, "cannot list domains"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot list domains"),
+            Err(e) => tracing::error!(error = %e, "domain scan task failed"),
         }
     }
 
-    /// The background task: checks the domains whose time has come, several at
-    /// once (bounded), so one slow nameserver holds up nobody. It sleeps until
-    /// the next domain is due; the store is scanned once at start and then only
-    /// every [`RESCAN`].
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        const RESCAN: Duration = Duration::from_secs(600);
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
-        // Domains being checked right now: not started twice.
-        let in_progress = Arc::new(std::sync::Mutex::new(HashSet::new()));
-        let mut running: JoinSet<()> = JoinSet::new();
-        self.track_all().await;
-        let mut rescan_at = tokio::time::Instant::now() + RESCAN;
-        loop {
-            while let Some(done) = running.try_join_next() {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "domain check task failed");
+    /// The background task: checks the domains as they come due, several at once
+    /// (bounded), so one slow nameserver holds up nobody.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let check = |key: schedule::DomainKey| {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.check(&key.0, &key.1).await {
+                    tracing::error!(error = %e, domain = %Escaped(&key.1), "domain check failed");
+                    // Try again one interval later rather than never.
+                    let retry = schedule::after(Utc::now(), this.config.check_interval.get());
+                    this.schedule.set(key, Some(retry));
                 }
             }
-            if tokio::time::Instant::now() >= rescan_at {
-                self.track_all().await;
-                rescan_at = tokio::time::Instant::now() + RESCAN;
-            }
-            let now = Utc::now();
-            let due = lock(&self.timeline).take_due(now);
-            for key in due {
-                if !lock(&in_progress).insert(key.clone()) {
-                    continue;
-                }
-                let (this, limit, in_progress) = (self.clone(), limit.clone(), in_progress.clone());
-                running.spawn(async move {
-                    if let Ok(_permit) = limit.acquire().await
-                        && let Err(e) = this.check(&key.0, &key.1).await
-                    {
-                        tracing::error!(error = %e, domain = %key.1, "domain check failed");
-                        // Try again one interval later rather than never.
-                        let retry = Utc::now()
-                            + chrono::Duration::from_std(this.config.check_interval.get())
-                                .unwrap_or(chrono::TimeDelta::MAX);
-                        lock(&this.timeline).set(key.clone(), retry);
-                    }
-                    lock(&in_progress).remove(&key);
-                });
-            }
-            // Sleep until the next domain is due (at most until the next rescan).
-            let next = lock(&self.timeline).next_due();
-            let sleep_for = next
-                .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
-                .unwrap_or(RESCAN)
-                .min(rescan_at.saturating_duration_since(tokio::time::Instant::now()));
-            tokio::select! {
-                _ = tokio::time::sleep(sleep_for) => {}
-                _ = self.wake.notified() => {}
-                _ = shutdown.changed() => break,
-            }
-        }
-        running.abort_all();
-    }
-}
-
-type DomainKey = (String, String);
-
-/// The background task's schedule: when each domain is next due, ordered by
-/// time. Kept in memory, so a tick costs the due domains, not all of them.
-#[derive(Default)]
-struct Timeline {
-    by_time: BTreeSet<(DateTime<Utc>, DomainKey)>,
-    by_key: HashMap<DomainKey, DateTime<Utc>>,
-}
-
-impl Timeline {
-    fn set(&mut self, key: DomainKey, at: DateTime<Utc>) {
-        if let Some(old) = self.by_key.insert(key.clone(), at) {
-            self.by_time.remove(&(old, key.clone()));
-        }
-        self.by_time.insert((at, key));
-    }
-
-    fn remove(&mut self, key: &DomainKey) {
-        if let Some(old) = self.by_key.remove(key) {
-            self.by_time.remove(&(old, key.clone()));
-        }
-    }
-
-    fn contains(&self, key: &DomainKey) -> bool {
-        self.by_key.contains_key(key)
-    }
-
-    fn next_due(&self) -> Option<DateTime<Utc>> {
-        self.by_time.first().map(|(at, _)| *at)
-    }
-
-    /// Removes and returns every domain due at `now`.
-    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<DomainKey> {
-        let mut due = Vec::new();
-        while let Some((at, _)) = self.by_time.first()
-            && *at <= now
-        {
-            if let Some((_, key)) = self.by_time.pop_first() {
-                self.by_key.remove(&key);
-                due.push(key);
-            }
-        }
-        due
+        };
+        self.schedule
+            .run(
+                self.config.concurrency,
+                check,
+                || self.track_all(),
+                shutdown,
+            )
+            .await;
     }
 }
 
@@ -371,6 +285,7 @@ mod tests {
             last_check: None,
             last_error: None,
             record_missing_since: None,
+            dns_report: Default::default(),
         }
     }
 
@@ -379,25 +294,6 @@ mod tests {
             pending_expiry: Duration::from_secs(100),
             grace: Duration::from_secs(50),
         }
-    }
-
-    #[test]
-    fn timeline_hands_out_due_domains_once_in_time_order() {
-        let t0 = Utc::now();
-        let at = |s: i64| t0 + chrono::Duration::seconds(s);
-        let key = |d: &str| ("acme".to_string(), d.to_string());
-        let mut t = Timeline::default();
-        t.set(key("c.example"), at(30));
-        t.set(key("a.example"), at(10));
-        t.set(key("b.example"), at(20));
-        // Re-setting moves a domain instead of adding it twice.
-        t.set(key("c.example"), at(5));
-        assert_eq!(t.next_due(), Some(at(5)));
-        assert_eq!(t.take_due(at(10)), vec![key("c.example"), key("a.example")]);
-        assert!(t.take_due(at(10)).is_empty(), "handed out once");
-        assert!(t.contains(&key("b.example")) && !t.contains(&key("a.example")));
-        t.remove(&key("b.example"));
-        assert_eq!((t.next_due(), t.take_due(at(100))), (None, vec![]));
     }
 
     #[test]

@@ -110,11 +110,25 @@ impl Sink {
     /// Starts on a given port and directory: a restarted upstream keeps its
     /// address and what it already stored.
     pub fn start_at(port: u16, dir: &Path) -> Sink {
+        Sink::spawn(port, dir, &[])
+    }
+
+    /// A sink that advertises DSN (RFC 3461) and takes its parameters.
+    pub fn start_dsn() -> Sink {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("messages");
+        let mut sink = Sink::spawn(free_port(), &dir, &["dsn"]);
+        sink._tmp = Some(tmp);
+        sink
+    }
+
+    fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Sink {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/common/sink.py");
         let mut child = Command::new(PYTHON)
             .arg(&script)
             .arg(port.to_string())
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -283,6 +283,11 @@ pub fn parameter_unsupported(param: &str) -> Reply {
     Reply::new(555, format!("5.5.4 Unsupported parameter {param}"))
 }
 
+/// A DSN parameter (RFC 3461) that is malformed once parsed.
+pub fn dsn_parameter_invalid(param: &str, why: &str) -> Reply {
+    Reply::new(501, format!("5.5.4 Invalid {param} parameter: {why}"))
+}
+
 pub fn smtputf8_unsupported() -> Reply {
     Reply::new(555, "5.6.7 SMTPUTF8 not supported by this relay's upstream")
 }
