@@ -25,6 +25,7 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub deliverability: DeliverabilityConfig,
+    pub metrics: MetricsConfig,
     pub panel: PanelConfig,
 }
 
@@ -319,6 +320,21 @@ impl Default for AuthConfig {
             socket: "/run/dovecot/auth-client".into(),
             path: None,
             timeout: Dur::secs(15),
+        }
+    }
+}
+
+/// `[metrics]` (SPEC §10): where `GET /metrics` is served; empty: nowhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9025))],
         }
     }
 }
@@ -689,6 +705,25 @@ mod tests {
         assert_eq!(fsync.queue.sync, domauth_store::SyncMethod::Fsync);
         let err = Config::parse("[queue]\nsync = \"sometimes\"").expect_err("unknown method");
         assert!(err.contains("sync"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_may_be_empty() {
+        let c = Config::parse("").expect("defaults are valid");
+        assert_eq!(c.metrics.listen, [SocketAddr::from(([127, 0, 0, 1], 9025))]);
+        let off = Config::parse("[metrics]\nlisten = []").expect("empty list: off");
+        assert!(off.metrics.listen.is_empty());
+        let two = Config::parse("[metrics]\nlisten = [\"127.0.0.1:9100\", \"[::1]:9100\"]")
+            .expect("two addresses");
+        assert_eq!(two.metrics.listen.len(), 2);
+        for bad in [
+            "[metrics]\nlisten = [\"nope\"]",
+            "[metrics]\nlisten = \"127.0.0.1:9025\"",
+            "[metrics]\nport = 1",
+        ] {
+            let err = Config::parse(bad).expect_err(bad);
+            assert!(err.starts_with("metrics."), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -14,9 +14,10 @@
 //! `notify` (systemd) and `reload` (SIGHUP) are the operations side that
 //! `server` wires up.
 //! `verify_auth` asks a zone's authoritative nameservers (SPEC §9) and
-//! `dns_advice` reads SPF and DMARC for advice. `ops` holds the
-//! domain/account operations behind every face; `panel` serves the
-//! hosting panel and the public HTTP API (SPEC §8).
+//! `dns_advice` reads SPF and DMARC for advice.
+//! `metrics` counts what happens, for Prometheus (`GET /metrics`). `ops`
+//! holds the domain/account operations behind every face; `panel` serves
+//! the hosting panel and the public HTTP API (SPEC §8).
 
 pub mod admin;
 pub mod bounce;
@@ -27,6 +28,7 @@ pub mod dkim_keys;
 pub mod dns_advice;
 pub mod dsn;
 pub mod logsafe;
+pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod panel;

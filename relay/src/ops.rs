@@ -119,7 +119,7 @@ impl DomainView {
     /// The domain object of SPEC §6 (`--json`, the API).
     pub fn to_json(&self) -> Value {
         let d = &self.domain;
-        json!({
+        let mut v = json!({
             "domain": d.domain,
             "hosting": d.hosting,
             "status": d.status.to_string(),
@@ -135,7 +135,10 @@ impl DomainView {
             "created_at": ts(Some(d.created_at)),
             "verified_at": ts(d.verified_at),
             "accounts": self.accounts,
-        })
+        });
+        // Which servers answered what, and the SPF/DMARC advice (as `domain show --json`).
+        crate::admin::dns_report::add_json(&mut v, d);
+        v
     }
 }
 
@@ -197,6 +200,7 @@ impl Ops {
         let token = crate::verify::new_token().map_err(OpError::Internal)?;
         let d = self.store.add_domain(hosting, domain, &token)?;
         self.verifier.track(&d);
+        crate::metrics::domain_status(None, Some(d.status));
         tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "domain added");
         self.view(d)
     }
@@ -229,6 +233,7 @@ impl Ops {
     /// Deletes the domain with its accounts; returns how many accounts went.
     pub fn delete_domain(&self, hosting: &str, domain: &str) -> OpResult<usize> {
         let domain = Self::domain_key(domain)?;
+        let status = self.store.domain(hosting, &domain)?.map(|d| d.status);
         let accounts = self
             .store
             .delete_domain(hosting, &domain)
@@ -236,6 +241,7 @@ impl Ops {
                 StoreError::NotFound(_) => not_a_domain(hosting, &domain),
                 other => other.into(),
             })?;
+        crate::metrics::domain_status(status, None);
         tracing::info!(event = "domain_deleted", hosting = %Escaped(hosting), domain = %Escaped(&domain), accounts, "domain deleted");
         Ok(accounts)
     }

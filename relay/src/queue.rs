@@ -280,6 +280,8 @@ struct Schedule {
     /// when it was accepted (parked messages still expire).
     entries: HashMap<String, Entry>,
     parked: HashSet<String>,
+    /// When each message was accepted: the oldest, for the queue-age metric.
+    accepted: crate::metrics::AcceptedTimes,
     /// Deferred because upstream could not be reached, before it was declared dead:
     /// due at once when it comes back, like the parked ones.
     unreachable: HashSet<String>,
@@ -293,6 +295,7 @@ struct Entry {
 impl Schedule {
     fn insert(&mut self, id: String, received_at: DateTime<Utc>, at: Instant) {
         self.remove(&id);
+        self.accepted.add(received_at);
         self.due.insert((at, id.clone()));
         self.entries.insert(
             id,
@@ -307,6 +310,7 @@ impl Schedule {
         self.parked.remove(id);
         self.unreachable.remove(id);
         let entry = self.entries.remove(id)?;
+        self.accepted.remove(entry.received_at);
         if let Some(at) = entry.at {
             self.due.remove(&(at, id.to_string()));
         }
@@ -330,6 +334,7 @@ impl Schedule {
 
     fn park(&mut self, id: String, received_at: DateTime<Utc>) {
         self.remove(&id);
+        self.accepted.add(received_at);
         self.entries.insert(
             id.clone(),
             Entry {
@@ -443,6 +448,7 @@ async fn dispatcher(
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut again: HashSet<String> = HashSet::new();
     loop {
+        crate::metrics::queue(schedule.entries.len(), schedule.accepted.oldest());
         // Hand out work while workers are free.
         while free > 0 {
             let now = Instant::now();
@@ -705,6 +711,7 @@ async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connecti
             .filter(|r| r.status == RecipientStatus::Pending)
         {
             r.status = RecipientStatus::Failed;
+            crate::metrics::delivery_expired();
             // RFC 3463 5.4.7: delivery time expired.
             r.last_reply = Some(format!(
                 "554 5.4.7 Delivery time expired: the message was {} in the queue; last error: {why}",
@@ -819,6 +826,7 @@ async fn attempt(
         if status == RecipientStatus::Delivered {
             r.relayed = !upstream_dsn;
         }
+        crate::metrics::delivery_attempt(&status, contact == Contact::Unreachable);
         r.status = status;
         r.last_reply = Some(text);
     }
@@ -986,6 +994,7 @@ async fn bounce_new_failures(shared: &Shared, msg: &mut QueuedMessage) -> Result
             tracing::error!(event = "bounce_not_queued", id = %original.id, error = %e, "cannot queue the bounce; trying again later");
             return Err(());
         }
+        crate::metrics::bounce_queued();
         let relayed = recipients.len()
             - recipients
                 .iter()

@@ -248,6 +248,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         shutdown.clone(),
     );
     crate::notify::ready();
+    let metrics_tasks = crate::metrics::serve(&config.metrics.listen, shutdown.clone()).await;
     tracing::info!(
         event = "started",
         admin_socket = %s.admin_socket.display(),
@@ -291,6 +292,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     }
     verifier_task.abort();
     dkim_task.abort();
+    metrics_tasks.iter().for_each(|t| t.abort());
     let _ = tokio::time::timeout_at(deadline, admin_task).await;
     store
         .flush()
@@ -405,6 +407,7 @@ async fn accept_loop(
 /// the connection is just closed).
 fn refuse(mut tcp: TcpStream, peer: SocketAddr, kind: Listener, limit: &'static str) {
     tracing::warn!(event = "connection_refused", peer = %peer, limit, "connection limit reached");
+    crate::metrics::connection_refused(limit);
     if kind == Listener::Submissions {
         return;
     }

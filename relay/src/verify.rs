@@ -174,6 +174,8 @@ impl Verifier {
             spf: Some(spf),
             dmarc: Some(dmarc),
         };
+        crate::metrics::domain_check(&outcome);
+        let mut before = None;
         // A check is dated by when it asked DNS: the check that asked last
         // decides, whichever answer arrives last. (Dated by its answer, a
         // background check that asked before the record was published and
@@ -181,6 +183,7 @@ impl Verifier {
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
+                before = Some(d.status); // the last call is the one stored
                 if d.last_check.is_some_and(|t| t > started) {
                     return; // a check that asked later already decided
                 }
@@ -188,6 +191,10 @@ impl Verifier {
                 d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;
+        crate::metrics::domain_status(
+            before.filter(|_| updated.is_some()),
+            updated.as_ref().map(|d| d.status),
+        );
         if let Some(d) = &updated {
             self.track(d);
             tracing::info!(
@@ -234,6 +241,7 @@ impl Verifier {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.all_domains()).await {
             Ok(Ok(domains)) => {
+                crate::metrics::domains(&domains);
                 for d in &domains {
                     self.schedule
                         .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));

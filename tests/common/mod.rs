@@ -282,6 +282,8 @@ impl RelayConfig {
             .set("queue", "retry_max", "\"2s\"")
             .set("queue", "probe_interval", "\"1s\"")
             .set("limits", "auth_failure_delay", "\"100ms\"")
+            // Many relays run at once: none takes the default metrics port.
+            .set("metrics", "listen", "[]")
             // The panel and API (SPEC §8) on a free port: the default 8025 would be shared.
             .set(
                 "panel",

@@ -378,6 +378,7 @@ async fn add_domain(
         crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let d = s.store.add_domain(&hosting, &req.domain, &token)?;
     s.verifier.track(&d);
+    crate::metrics::domain_status(None, Some(d.status));
     tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
     if let Err(e) = s.dkim.ensure(&d.hosting, &d.domain).await {
         // The domain is added; the background task makes the keys later.
@@ -475,8 +476,11 @@ async fn delete_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let domain = normalize_domain(&domain)?;
-    let accounts = s.ops.delete_domain(&hosting, &domain)?;
+    let domain = domain_key(&domain)?;
+    let status = s.store.domain(&hosting, &domain)?.map(|d| d.status);
+    let accounts = s.store.delete_domain(&hosting, &domain)?;
+    crate::metrics::domain_status(status, None);
+    tracing::info!(event = "domain_deleted", hosting = %Escaped(&hosting), domain = %Escaped(&domain), accounts, "admin");
     Ok(Json(
         json!({ "domain": domain, "accounts_deleted": accounts }),
     ))

@@ -34,6 +34,8 @@ pub struct SessionConfig {
 pub struct Envelope {
     /// Normalised reverse-path; empty for the null sender `<>`.
     pub from: String,
+    /// When MAIL FROM was accepted (the MAIL-to-250 latency metric).
+    pub mail_at: Option<std::time::Instant>,
     pub recipients: Vec<String>,
     pub smtputf8: bool,
     /// `BODY=8BITMIME` (RFC 6152): declared again when the message goes upstream.
@@ -388,6 +390,7 @@ impl Session {
         }
         // RFC 1870 §6.3: refuse early when the declared size is too big.
         if size > self.config.max_message_size {
+            crate::metrics::message_refused(crate::metrics::Refusal::Size);
             return Action::Reply(reply::message_too_big());
         }
         if flags & MAIL_BODY_BINARYMIME != 0 {
@@ -408,6 +411,7 @@ impl Session {
             };
             let decision = self.policy.decide(login, &normalized);
             if !decision.allowed {
+                crate::metrics::message_refused(crate::metrics::Refusal::Sender);
                 // The sender is the client's text (normalised, but the
                 // log does not rely on what normalisation lets through).
                 tracing::info!(
@@ -423,6 +427,7 @@ impl Session {
         };
         self.envelope = Some(Envelope {
             from,
+            mail_at: Some(std::time::Instant::now()),
             recipients: Vec::new(),
             smtputf8,
             eight_bit: flags & MAIL_BODY_8BITMIME != 0,
@@ -506,6 +511,7 @@ impl Session {
         let (Some(envelope), Some(login)) = (envelope, self.login.as_ref()) else {
             return Err(reply::need_mail());
         };
+        crate::metrics::data_outcome(&outcome);
         match outcome {
             DataOutcome::TooBig => return Err(reply::message_too_big()),
             DataOutcome::BareLineEnding => return Err(reply::bare_line_ending()),
@@ -513,11 +519,13 @@ impl Session {
             DataOutcome::Complete => {}
         }
         let Some(headers) = headers else {
+            crate::metrics::message_refused(crate::metrics::Refusal::HeaderTooLarge);
             return Err(reply::header_too_large());
         };
         match cleanup::check_headers(headers, login, self.policy.as_ref()) {
             HeaderVerdict::Accept => Ok(()),
             HeaderVerdict::Refuse { reply, reason } => {
+                crate::metrics::message_refused(crate::metrics::Refusal::Header);
                 // The reason quotes header addresses: the client's text.
                 tracing::info!(
                     event = "message_refused",
