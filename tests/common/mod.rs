@@ -25,11 +25,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_domauth");
 /// Debian's interpreter: python3-aiosmtpd is installed for it only.
 pub const PYTHON: &str = "/usr/bin/python3";
 
+/// A port nothing listens on now, and never handed out before in this test
+/// process: the kernel readily gives a just-released port again, and one
+/// relay takes several (submission, submissions, panel, metrics).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
