@@ -26,6 +26,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub deliverability: DeliverabilityConfig,
     pub metrics: MetricsConfig,
+    pub store: StoreConfig,
     pub panel: PanelConfig,
 }
 
@@ -324,6 +325,33 @@ impl Default for AuthConfig {
     }
 }
 
+/// `[store]` (SPEC §11): where the authorization data lives. `sled` (the
+/// default) keeps it in `data_dir`; `postgres` shares it between nodes.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The connection string (`postgres://user@host/db`); or `url_file`.
+    pub url: Option<String>,
+    /// A file whose first line is the connection string (keeps a password
+    /// out of config.toml).
+    pub url_file: Option<PathBuf>,
+    /// How long SMTP goes on from the last loaded data while PostgreSQL is
+    /// unreachable; then MAIL gets 451 4.3.0.
+    pub max_staleness: Dur,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Sled,
+            url: None,
+            url_file: None,
+            max_staleness: Dur::secs(300),
+        }
+    }
+}
+
 /// `[metrics]` (SPEC §10): where `GET /metrics` is served; empty: nowhere.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -336,6 +364,63 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 9025))],
         }
+    }
+}
+
+// The URL may hold a password: never in a debug dump of the config.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("url_file", &self.url_file)
+            .field("max_staleness", &self.max_staleness)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), String> {
+        positive("store.max_staleness", self.max_staleness)?;
+        at_most("store.max_staleness", self.max_staleness, max::SCHEDULE)?;
+        match (self.backend, &self.url, &self.url_file) {
+            (StoreBackend::Postgres, None, None) => Err(
+                "store.url: required with store.backend = \"postgres\" (or store.url_file)".into(),
+            ),
+            (_, Some(_), Some(_)) => {
+                Err("store.url_file: give store.url or store.url_file, not both".into())
+            }
+            (_, Some(url), None) if url.trim().is_empty() => {
+                Err("store.url: must not be empty".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The PostgreSQL connection string, from `url` or the first line of
+    /// `url_file`.
+    pub fn url(&self) -> Result<String, String> {
+        if let Some(url) = &self.url {
+            return Ok(url.trim().to_string());
+        }
+        let Some(path) = &self.url_file else {
+            return Err("store.url: not set".into());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("store.url_file: cannot read {}: {e}", path.display()))?;
+        let url = text.lines().next().unwrap_or("").trim().to_string();
+        if url.is_empty() {
+            return Err(format!("store.url_file: {} is empty", path.display()));
+        }
+        Ok(url)
     }
 }
 
@@ -462,6 +547,7 @@ impl Config {
         // own key, not as the other side of an ordering rule
         // (retry_max >= retry_initial).
         self.validate_upper_bounds()?;
+        self.store.validate()?;
         let s = &self.server;
         if s.hostname.trim().is_empty() || s.hostname.contains(char::is_whitespace) {
             return Err("server.hostname: must be a host name without spaces".into());
@@ -938,5 +1024,59 @@ mod tests {
         let off = Config::parse("[panel]\nlisten = []\ntls = true\nsession_idle = \"5m\"").unwrap();
         assert!(off.panel.listen.is_empty() && off.panel.tls);
         assert_eq!(off.panel.session_idle.get(), Duration::from_secs(300));
+    }
+}
+
+#[cfg(test)]
+mod store_config_tests {
+    use super::*;
+
+    #[test]
+    fn store_defaults_to_sled_with_five_minutes_of_staleness() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Sled);
+        assert_eq!(c.store.max_staleness, Dur::secs(300));
+        let c = Config::parse(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://u:secret@db/x\"\nmax_staleness = \"30s\"",
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        assert_eq!(c.store.url().unwrap(), "postgres://u:secret@db/x");
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn bad_store_values_name_their_key() {
+        let cases = [
+            ("[store]\nbackend = \"mysql\"", "store.backend"),
+            ("[store]\nbackend = \"postgres\"", "store.url"),
+            (
+                "[store]\nurl = \"postgres://x\"\nurl_file = \"/nope\"",
+                "store.url_file",
+            ),
+            ("[store]\nmax_staleness = \"0s\"", "store.max_staleness"),
+            ("[store]\nmax_staleness = \"9999d\"", "store.max_staleness"),
+            ("[store]\nurl = \" \"", "store.url"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).expect_err(text);
+            assert!(err.contains(key), "{text:?}: {err:?} should name {key:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn url_file_gives_its_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("url");
+        std::fs::write(&path, "postgres://a@b/c\nignored\n").unwrap();
+        let c = Config::parse(&format!(
+            "[store]\nbackend = \"postgres\"\nurl_file = {:?}",
+            path.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.store.url().unwrap(), "postgres://a@b/c");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(c.store.url().unwrap_err().contains("store.url_file"));
     }
 }

@@ -40,6 +40,7 @@ pub mod schedule;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod store_open;
 pub mod tls;
 pub mod upstream;
 pub mod verify;

@@ -1,7 +1,7 @@
 //! `domauth`: the SMTP submission relay (`serve`) and its management CLI,
 //! which talks to the running server over the admin socket.
 
-use domauth::{admin, config, server, tls};
+use domauth::{admin, config, server, store_open, tls};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -48,6 +48,12 @@ enum Cmd {
     /// The delivery queue.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Move the authorization data between backends (SPEC §11): `export`
+    /// writes it as JSON on stdout, `import` loads it from stdin into an
+    /// empty store. Works on the configured store directly, not through the
+    /// admin socket (a sled store must not be in use by `serve`).
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Why a login may or may not send as an address.
     Explain {
         #[arg(long)]
@@ -166,6 +172,12 @@ enum AccountCmd {
 }
 
 #[derive(Subcommand)]
+enum StoreCmd {
+    Export,
+    Import,
+}
+
+#[derive(Subcommand)]
 enum QueueCmd {
     List,
     Show { id: String },
@@ -176,7 +188,7 @@ enum QueueCmd {
 fn admin_command(cmd: Cmd) -> Option<Admin> {
     Some(match cmd {
         // `check-config` never gets here: `main` answers it first.
-        Cmd::Serve | Cmd::CheckConfig => return None,
+        Cmd::Serve | Cmd::CheckConfig | Cmd::Store(_) => return None,
         Cmd::Hosting(c) => match c {
             HostingCmd::Add { name, domains } => Admin::HostingAdd { name, domains },
             HostingCmd::List => Admin::HostingList,
@@ -251,6 +263,20 @@ fn main() -> ExitCode {
     };
     if let Cmd::CheckConfig = cli.command {
         return check_config(&cli.config, &config);
+    }
+    if let Cmd::Store(c) = &cli.command {
+        restore_sigpipe();
+        let done = match c {
+            StoreCmd::Export => store_open::export(&config),
+            StoreCmd::Import => store_open::import(&config),
+        };
+        return match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("domauth: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     let Some(command) = admin_command(cli.command) else {
         let log_format = config.log.format;

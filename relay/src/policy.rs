@@ -42,6 +42,11 @@ impl Decision {
 pub trait SenderPolicy: Send + Sync {
     /// `address` is already normalised (lower-case, ASCII domain).
     fn decide(&self, login: &Login, address: &str) -> Decision;
+    /// False when the data behind the decisions is too old to use (the
+    /// PostgreSQL store cut off past `store.max_staleness`): MAIL gets 451.
+    fn usable(&self) -> bool {
+        true
+    }
 }
 
 pub struct StorePolicy {
@@ -51,6 +56,9 @@ pub struct StorePolicy {
 impl SenderPolicy for StorePolicy {
     fn decide(&self, login: &Login, address: &str) -> Decision {
         decide(&self.store, login, address)
+    }
+    fn usable(&self) -> bool {
+        self.store.usable()
     }
 }
 

@@ -87,20 +87,24 @@ pub async fn run(config: Config) -> Result<(), String> {
         )
     })?;
     let store_dir = s.data_dir.join("store");
-    let store = Store::open(&store_dir).map_err(|e| match &e {
-        StoreError::DiskFull(_) => format!(
-            "server.data_dir: the disk is full: cannot open the store in {} ({e})",
-            store_dir.display()
-        ),
-        StoreError::Locked(_) => format!(
-            "server.data_dir: the store in {} is locked: is another domauth running on it?",
-            store_dir.display()
-        ),
-        _ => format!(
-            "server.data_dir: cannot open the store in {}: {e}",
-            store_dir.display()
-        ),
-    })?;
+    // `[store] backend = "postgres"`: the shared database (SPEC §11) instead of sled.
+    let store = match crate::store_open::shared(&config.store)? {
+        Some(shared) => shared,
+        None => Store::open(&store_dir).map_err(|e| match &e {
+            StoreError::DiskFull(_) => format!(
+                "server.data_dir: the disk is full: cannot open the store in {} ({e})",
+                store_dir.display()
+            ),
+            StoreError::Locked(_) => format!(
+                "server.data_dir: the store in {} is locked: is another domauth running on it?",
+                store_dir.display()
+            ),
+            _ => format!(
+                "server.data_dir: cannot open the store in {}: {e}",
+                store_dir.display()
+            ),
+        })?,
+    };
     let queue_dir = s.data_dir.join("queue");
     let (queue, opened) = Queue::open(&queue_dir, config.queue.sync).map_err(|e| match &e {
         StoreError::DiskFull(_) => format!(

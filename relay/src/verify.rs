@@ -210,6 +210,49 @@ impl Verifier {
         Ok(updated.map(|d| (d, outcome)))
     }
 
+    /// Whether this node runs the background check of `key` now (SPEC §11:
+    /// with several nodes on PostgreSQL, each check runs on one). False when
+    /// the domain is gone, not due by the data this node has (another node
+    /// checked it meanwhile: it goes back on the timeline), or claimed by
+    /// another node (tried again shortly). If the claim cannot be made (the
+    /// database is down) the node checks on its own, as a single node would.
+    async fn claim(&self, key: &schedule::DomainKey) -> bool {
+        /// How long a claimed check keeps other nodes off.
+        const LEASE: Duration = Duration::from_secs(60);
+        let d = match self.store.domain(&key.0, &key.1) {
+            Ok(Some(d)) => d,
+            Ok(None) => return false,
+            Err(_) => return true, // `check` reports it
+        };
+        if let Some(at) = self.next_check(&d)
+            && at > Utc::now()
+        {
+            self.track(&d);
+            return false;
+        }
+        let store = self.store.clone();
+        let (hosting, domain) = key.clone();
+        let seen = d.last_check;
+        let claimed =
+            tokio::task::spawn_blocking(move || store.claim_check(&hosting, &domain, seen, LEASE))
+                .await;
+        match claimed {
+            Ok(Ok(true)) => true,
+            Ok(Ok(false)) => {
+                // Another node checks it now: by the time we look again its
+                // result is here, and puts the domain back on the timeline.
+                let retry = Utc::now() + chrono::Duration::seconds(2);
+                self.schedule.set(key.clone(), Some(retry));
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, domain = %key.1, "cannot claim the domain check");
+                true
+            }
+            Err(_) => true,
+        }
+    }
+
     /// When the background task should next check `d`: pending domains every
     /// `check_interval`, verified ones every `recheck_interval`, failed ones never
     /// (only `domain verify` revives them).
@@ -258,7 +301,9 @@ impl Verifier {
         let check = |key: schedule::DomainKey| {
             let this = self.clone();
             async move {
-                if let Err(e) = this.check(&key.0, &key.1).await {
+                if this.claim(&key).await
+                    && let Err(e) = this.check(&key.0, &key.1).await
+                {
                     tracing::error!(error = %e, domain = %Escaped(&key.1), "domain check failed");
                     // Try again one interval later rather than never.
                     let retry = schedule::after(Utc::now(), this.config.check_interval.get());

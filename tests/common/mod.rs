@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod faulty;
 pub mod http;
+pub mod pg;
 pub mod raw;
 
 use std::{

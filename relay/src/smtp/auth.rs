@@ -273,6 +273,51 @@ impl Authenticator {
         );
     }
 
+    /// True when the shared counters (several nodes on PostgreSQL) are at the
+    /// limit for this IP or login. With sled, or while the database cannot be
+    /// reached, false: the per-node limiter above is the fallback.
+    async fn shared_limited(&self, ip_key: &str, login: &str) -> bool {
+        if self.store.backend() == "sled" {
+            return false;
+        }
+        let store = self.store.clone();
+        let (ip_key, login) = (ip_key.to_string(), login.to_string());
+        let (threshold, window) = (self.settings.failures, self.settings.window);
+        let counted = tokio::task::spawn_blocking(move || {
+            let by_ip = store.auth_failures("ip", &ip_key, window)?;
+            let by_login = store.auth_failures("login", &login, window)?;
+            Ok::<_, domauth_store::StoreError>(by_ip.max(by_login))
+        })
+        .await;
+        match counted {
+            Ok(Ok(Some(n))) => n >= threshold,
+            Ok(Ok(None)) => false,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "shared AUTH counters unavailable");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Counts a failure in the shared counters (while the failure delay
+    /// runs: the reply waits for both); nothing to do with sled.
+    async fn record_shared_failure(&self, ip_key: &str, login: &str) {
+        if self.store.backend() == "sled" {
+            return;
+        }
+        let store = self.store.clone();
+        let (ip_key, login) = (ip_key.to_string(), login.to_string());
+        let window = self.settings.window;
+        let recorded = tokio::task::spawn_blocking(move || {
+            store.record_auth_failure(&[("ip", &ip_key), ("login", &login)], window)
+        })
+        .await;
+        if let Ok(Err(e)) = recorded {
+            tracing::debug!(error = %e, "cannot count the AUTH failure across nodes");
+        }
+    }
+
     /// Checks credentials; the outcome feeds [`super::session::Session::auth_result`].
     pub async fn authenticate(&self, peer: IpAddr, creds: SaslCredentials) -> AuthResult {
         let login = login_key(&creds.login);
@@ -282,6 +327,14 @@ impl Authenticator {
             lock(&self.by_ip).blocked(&ip_key, now) || lock(&self.by_login).blocked(&login, now);
         if limited {
             // Also for a correct password: the attacker learns nothing.
+            log_auth(AuthEvent::RateLimited, peer, &login);
+            return AuthResult::RateLimited;
+        }
+        // The counters shared by all nodes (PostgreSQL store): for the store
+        // backend after its cache (below), for the others here.
+        if !matches!(self.settings.passwords, Backend::Store)
+            && self.shared_limited(&ip_key, &login).await
+        {
             log_auth(AuthEvent::RateLimited, peer, &login);
             return AuthResult::RateLimited;
         }
@@ -312,6 +365,12 @@ impl Authenticator {
         if let Some(hit) = self.cached(&id, mailbox.as_ref()) {
             log_auth(AuthEvent::Success { cached: true }, peer, &login);
             return AuthResult::Success(hit);
+        }
+        // Past the cache, before the hash: the counters shared by all nodes
+        // (PostgreSQL store), so guesses spread over N nodes get no more tries.
+        if self.shared_limited(&ip_key, &login).await {
+            log_auth(AuthEvent::RateLimited, peer, &login);
+            return AuthResult::RateLimited;
         }
         let Ok(permit) = self.hashing.acquire().await else {
             return AuthResult::TemporaryFailure;
@@ -355,7 +414,11 @@ impl Authenticator {
         lock(&self.by_ip).record(ip_key, now);
         lock(&self.by_login).record(login, now);
         log_auth(AuthEvent::Failure { known_login: known }, peer, login);
-        tokio::time::sleep(self.settings.failure_delay).await;
+        // Counted for every node too (PostgreSQL), while the delay runs.
+        tokio::join!(
+            tokio::time::sleep(self.settings.failure_delay),
+            self.record_shared_failure(ip_key, login)
+        );
         AuthResult::Failed
     }
 

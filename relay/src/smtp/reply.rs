@@ -318,6 +318,15 @@ pub fn local_error() -> Reply {
     Reply::new(451, "4.3.0 Local error in processing, try again later")
 }
 
+/// The shared store (PostgreSQL) has been unreachable for longer than
+/// `store.max_staleness`: the authorization data may be out of date (SPEC §11).
+pub fn store_unavailable() -> Reply {
+    Reply::new(
+        451,
+        "4.3.0 Authorization data temporarily unavailable, try again later",
+    )
+}
+
 /// The disk is full: the client keeps the message and tries later.
 pub fn storage_full() -> Reply {
     Reply::new(452, "4.3.1 Insufficient system storage, try again later")

@@ -388,6 +388,9 @@ impl Session {
         if self.envelope.is_some() {
             return Action::Reply(reply::nested_mail());
         }
+        if !self.policy.usable() {
+            return Action::Reply(reply::store_unavailable());
+        }
         // RFC 1870 §6.3: refuse early when the declared size is too big.
         if size > self.config.max_message_size {
             crate::metrics::message_refused(crate::metrics::Refusal::Size);

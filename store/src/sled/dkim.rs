@@ -6,9 +6,9 @@
 //! Private keys are kept here and nowhere else: [`DkimKeySet`]'s `Debug` leaves them out,
 //! and nothing that builds JSON for a user reads them.
 
-use crate::hosting::hosting_key;
+use super::hosting::hosting_key;
+use super::{Result, SledStore as Store, decode, encode, key2};
 use crate::names::normalize_domain;
-use crate::{Result, Store, decode, encode, key2};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -213,7 +213,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     fn set(tag: &str) -> DkimKeySet {
         DkimKeySet {

@@ -1,7 +1,9 @@
 //! Mailboxes: the logins of a hosting, one per address in its own domains.
 
+use super::{
+    Result, SledStore as Store, StoreError, abort, decode, decode_str, encode, tx, tx_result,
+};
 use crate::names::{domain_of, normalize_address};
-use crate::{Result, Store, StoreError, abort, decode, decode_str, encode, tx, tx_result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -113,7 +115,7 @@ fn no_mailbox(address: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     #[test]
     fn needs_an_owning_hosting() {

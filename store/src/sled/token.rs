@@ -3,8 +3,9 @@
 //! compared by the caller (in constant time). Hashing is the caller's job: this crate
 //! only keeps what it is given.
 
-use crate::hosting::{hosting_key, no_hosting};
-use crate::{Result, Store, StoreError, abort, decode, encode, tx_result};
+use super::hosting::{hosting_key, no_hosting};
+use super::{Result, SledStore as Store, abort, decode, encode, tx_result};
+use crate::StoreError;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -67,7 +68,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     #[test]
     fn add_find_revoke() {

@@ -10,12 +10,13 @@
 //!   those mailboxes of the hosting (empty: by every mailbox). Records written before
 //!   this field existed load as unrestricted.
 
-use crate::domain::{AuthorizedDomain, DomainStatus};
-use crate::hosting::{Hosting, hosting_key, no_hosting};
-use crate::names::{domain_of, normalize_address, normalize_domain};
-use crate::{
-    Result, Store, StoreError, abort, decode, encode, key_suffix, key2, prefix, tx, tx_result,
+use super::domain::{AuthorizedDomain, DomainStatus};
+use super::hosting::{Hosting, hosting_key, no_hosting};
+use super::{
+    Result, SledStore as Store, StoreError, abort, decode, encode, key_suffix, key2, prefix, tx,
+    tx_result,
 };
+use crate::names::{domain_of, normalize_address, normalize_domain};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -225,7 +226,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     fn verify(store: &Store, hosting: &str, domain: &str) {
         store

@@ -1,7 +1,9 @@
 //! Hostings (tenants) and the index of their own domains.
 
+use super::{
+    Result, SledStore as Store, StoreError, abort, decode, decode_str, encode, tx, tx_result,
+};
 use crate::names::{normalize_domain, normalize_hosting_name};
-use crate::{Result, Store, StoreError, abort, decode, decode_str, encode, tx, tx_result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -137,7 +139,7 @@ pub(crate) fn no_hosting(name: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     #[test]
     fn add_and_read_back() {

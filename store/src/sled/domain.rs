@@ -1,11 +1,12 @@
 //! Authorized domains: external domains a hosting asked to send for, and their
 //! verification state (SPEC §2).
 
-use crate::hosting::{hosting_key, no_hosting};
-use crate::names::normalize_domain;
-use crate::{
-    Result, Store, StoreError, abort, decode, decode_str, encode, key2, prefix, tx, tx_result,
+use super::hosting::{hosting_key, no_hosting};
+use super::{
+    Result, SledStore as Store, StoreError, abort, decode, decode_str, encode, key2, prefix, tx,
+    tx_result,
 };
+use crate::names::normalize_domain;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -270,7 +271,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{store, strings};
+    use crate::sled::test_util::{store, strings};
 
     fn setup() -> (tempfile::TempDir, Store) {
         let (dir, store) = store();
