@@ -491,7 +491,8 @@ mod tests {
         let t = ops.issue_token("acme").unwrap();
         assert!(t.starts_with("dat_") && t.len() >= 4 + 16 + 1 + 64, "{t}");
         assert_eq!(ops.hosting_of_token(&t).unwrap().as_deref(), Some("acme"));
-        let tampered = format!("{}0", &t[..t.len() - 1]);
+        let last = if t.ends_with('0') { '1' } else { '0' };
+        let tampered = format!("{}{last}", &t[..t.len() - 1]);
         for bad in [
             tampered.as_str(),
             "",
