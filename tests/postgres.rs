@@ -449,3 +449,38 @@ fn auth_failures_are_counted_across_nodes() {
         .assert_contains("454");
     guess(&b).assert_code(28).assert_contains("454");
 }
+
+/// API tokens live in the shared data (SPEC §8, §11): a token made through
+/// one node's CLI works on the other node's API, and a revoke through the
+/// other node ends it on the first.
+#[test]
+fn an_api_token_made_on_one_node_works_on_the_others() {
+    let cluster = Cluster::start();
+    let a = cluster.node();
+    let b = cluster.node();
+    a.cli_ok(&["hosting", "add", "acme", "--domain", "acme.test"], "");
+    let token = a
+        .cli_ok(&["hosting", "token", "acme"], "")
+        .trim()
+        .to_string();
+    let auth = format!("Bearer {token}");
+    let status = |node: &Relay| {
+        common::http::request(
+            node.config.panel_port(),
+            "GET",
+            "/api/v1/domains",
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .status
+    };
+    wait_for("the token on node B", PROPAGATION, || status(&b) == 200);
+    assert_eq!(status(&a), 200);
+    wait_for("the hosting on node B", PROPAGATION, || {
+        b.cli(&["hosting", "token", "acme", "--revoke"], "")
+            .status
+            .success()
+    });
+    wait_for("the revoke on node A", PROPAGATION, || status(&a) == 401);
+    assert_eq!(status(&b), 401);
+}

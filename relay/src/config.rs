@@ -27,6 +27,7 @@ pub struct Config {
     pub deliverability: DeliverabilityConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    pub panel: PanelConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -423,6 +424,35 @@ impl StoreConfig {
     }
 }
 
+/// `[panel]`: the hosting panel and its HTTP API (SPEC §8), on one listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PanelConfig {
+    /// Empty: no panel and no API.
+    pub listen: Vec<SocketAddr>,
+    /// Serve HTTPS with the `[tls]` pair.
+    pub tls: bool,
+    /// A session unused this long is over.
+    pub session_idle: Dur,
+}
+
+impl Default for PanelConfig {
+    fn default() -> Self {
+        PanelConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8025))],
+            tls: false,
+            session_idle: Dur::secs(30 * 60),
+        }
+    }
+}
+
+impl PanelConfig {
+    fn validate(&self) -> Result<(), String> {
+        positive("panel.session_idle", self.session_idle)?;
+        at_most("panel.session_idle", self.session_idle, max::SCHEDULE)
+    }
+}
+
 /// A duration written as a humantime string (`"1s"`, `"5m"`, `"72h"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -604,6 +634,7 @@ impl Config {
             return Err("auth.path: a passwd-file is needed with backend = \"passwd-file\"".into());
         }
         positive("auth.timeout", a.timeout)?;
+        self.panel.validate()?;
         Ok(())
     }
 
@@ -797,6 +828,9 @@ mod tests {
             ("[upstream]\ntls = \"maybe\"", "tls"),
             ("[upstream]\nport = 0", "upstream.port"),
             ("[limits]\nmax_line_length = 100", "limits.max_line_length"),
+            ("[panel]\nsession_idle = \"0s\"", "panel.session_idle"),
+            ("[panel]\nlisten = [\"nowhere\"]", "panel.listen"),
+            ("[panel]\ntls = \"yes\"", "panel.tls"),
             ("[server]\nhostnme = \"x\"", "hostnme"),
             ("[nonsense]\na = 1", "nonsense"),
             (
@@ -979,6 +1013,17 @@ mod tests {
             assert!(err.contains(key), "{text:?}: {err:?} should name {key:?}");
             assert!(!err.contains('\n'), "{err:?}");
         }
+    }
+
+    #[test]
+    fn panel_defaults_and_off() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.panel.listen, [SocketAddr::from(([127, 0, 0, 1], 8025))]);
+        assert!(!c.panel.tls);
+        assert_eq!(c.panel.session_idle.get(), Duration::from_secs(1800));
+        let off = Config::parse("[panel]\nlisten = []\ntls = true\nsession_idle = \"5m\"").unwrap();
+        assert!(off.panel.listen.is_empty() && off.panel.tls);
+        assert_eq!(off.panel.session_idle.get(), Duration::from_secs(300));
     }
 }
 

@@ -15,7 +15,9 @@
 //! `server` wires up.
 //! `verify_auth` asks a zone's authoritative nameservers (SPEC §9) and
 //! `dns_advice` reads SPF and DMARC for advice.
-//! `metrics` counts what happens, for Prometheus (`GET /metrics`).
+//! `metrics` counts what happens, for Prometheus (`GET /metrics`). `ops`
+//! holds the domain/account operations behind every face; `panel` serves
+//! the hosting panel and the public HTTP API (SPEC §8).
 
 pub mod admin;
 pub mod bounce;
@@ -28,6 +30,8 @@ pub mod dsn;
 pub mod logsafe;
 pub mod metrics;
 pub mod notify;
+pub mod ops;
+pub mod panel;
 pub mod passwords;
 pub mod policy;
 pub mod queue;

@@ -170,6 +170,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.deliverability.spf_include.clone(),
     );
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
+    let ops = crate::ops::Ops::new(store.clone(), verifier.clone(), passwords.clone());
     let admin_task = admin::server::serve(
         &s.admin_socket,
         admin::server::AdminState {
@@ -179,6 +180,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             scheduler: queue_handle,
             passwords: passwords.clone(),
             dkim: dkim_keys,
+            ops: ops.clone(),
         },
         shutdown.clone(),
     )
@@ -220,6 +222,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
 
     let mut accept_loops = Vec::new();
+    // The panel and the API (SPEC §8), bound before the SMTP listeners.
+    accept_loops.extend(crate::panel::serve(&config, ops, shutdown.clone()).await?);
     for (addrs, kind, key) in [
         (&s.submission, Listener::Submission, "server.submission"),
         (&s.submissions, Listener::Submissions, "server.submissions"),

@@ -129,6 +129,11 @@ impl Verifier {
         format!("{}.{domain}", self.config.record_label)
     }
 
+    /// The label the TXT record goes to, as configured (`domauthvalidation`).
+    pub fn record_label(&self) -> &str {
+        &self.config.record_label
+    }
+
     /// Checks one domain now and stores the result. A check whose result
     /// arrives after a newer check was stored is dropped (compare-and-swap in
     /// the store), so a manual verify racing the background task never loses
@@ -148,10 +153,21 @@ impl Verifier {
         let started = Utc::now();
         // The SPF/DMARC advice (SPEC §9) is read beside the proof; never a condition.
         let record_name = self.record_name(&current.domain);
-        let ((outcome, auth), (spf, dmarc)) = tokio::join!(
+        let ((mut outcome, auth), (spf, dmarc)) = tokio::join!(
             self.dns.check_report(&record_name, &current.token),
             crate::dns_advice::advise(&self.dns, &current.domain, &self.spf_include),
         );
+        if !matches!(outcome, CheckOutcome::Verified) && !outcome.is_temporary() {
+            // The commonest mistake: a DNS panel appended the zone to a
+            // name typed in full. Say so instead of a bare "not found".
+            let doubled = format!("{record_name}.{}", current.domain);
+            if self.dns.check(&doubled, &current.token).await == CheckOutcome::Verified {
+                outcome = CheckOutcome::NotFound(format!(
+                    "no matching TXT record at {record_name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
+                    self.config.record_label
+                ));
+            }
+        }
         let report = domauth_store::DnsReport {
             zone: auth.zone,
             servers: auth.servers,
@@ -159,16 +175,19 @@ impl Verifier {
             dmarc: Some(dmarc),
         };
         crate::metrics::domain_check(&outcome);
-        let now = Utc::now();
         let mut before = None;
+        // A check is dated by when it asked DNS: the check that asked last
+        // decides, whichever answer arrives last. (Dated by its answer, a
+        // background check that asked before the record was published and
+        // answered after `domain verify` asked would undo that verify.)
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
                 before = Some(d.status); // the last call is the one stored
                 if d.last_check.is_some_and(|t| t > started) {
-                    return; // a newer check already decided
+                    return; // a check that asked later already decided
                 }
-                apply(d, &outcome, now, &self.timing);
+                apply(d, &outcome, started, &self.timing);
                 d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;

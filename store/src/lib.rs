@@ -52,6 +52,7 @@ pub use sled::dkim::{DkimKeySet, DkimStatus, DomainDkim};
 pub use sled::domain::{AuthorizedDomain, DomainStatus};
 pub use sled::hosting::Hosting;
 pub use sled::mailbox::Mailbox;
+pub use sled::token::ApiToken;
 
 /// Errors of the store. The `Invalid`, `NotFound` and `Conflict` messages are complete
 /// sentences for the user ("no hosting named \"acme\""); the caller shows them as they are.

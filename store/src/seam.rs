@@ -7,7 +7,8 @@
 
 use crate::sled::SledStore;
 use crate::{
-    AuthorizedAccount, AuthorizedDomain, DkimKeySet, DomainDkim, Dump, Hosting, Mailbox, Result,
+    ApiToken, AuthorizedAccount, AuthorizedDomain, DkimKeySet, DomainDkim, Dump, Hosting, Mailbox,
+    Result,
 };
 use std::path::Path;
 
@@ -284,5 +285,17 @@ impl Store {
     }
     pub fn delete_dkim(&self, hosting: &str, domain: &str) -> Result<()> {
         write!(self, |s| s.delete_dkim(hosting, domain))
+    }
+
+    // API tokens (sled/token.rs).
+
+    pub fn add_api_token(&self, id: &str, hosting: &str, secret_hash: &str) -> Result<ApiToken> {
+        write!(self, |s| s.add_api_token(id, hosting, secret_hash))
+    }
+    pub fn api_token(&self, id: &str) -> Result<Option<ApiToken>> {
+        read!(self, |s| s.api_token(id))
+    }
+    pub fn revoke_api_tokens(&self, hosting: &str) -> Result<usize> {
+        write!(self, |s| s.revoke_api_tokens(hosting))
     }
 }

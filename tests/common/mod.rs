@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod faulty;
+pub mod http;
 pub mod pg;
 pub mod raw;
 
@@ -25,11 +26,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_domauth");
 /// Debian's interpreter: python3-aiosmtpd is installed for it only.
 pub const PYTHON: &str = "/usr/bin/python3";
 
+/// A port nothing listens on now, and never handed out before in this test
+/// process: the kernel readily gives a just-released port again, and one
+/// relay takes several (submission, submissions, panel, metrics).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
@@ -283,7 +294,13 @@ impl RelayConfig {
             .set("queue", "probe_interval", "\"1s\"")
             .set("limits", "auth_failure_delay", "\"100ms\"")
             // Many relays run at once: none takes the default metrics port.
-            .set("metrics", "listen", "[]");
+            .set("metrics", "listen", "[]")
+            // The panel and API (SPEC §8) on a free port: the default 8025 would be shared.
+            .set(
+                "panel",
+                "listen",
+                &format!("[\"127.0.0.1:{}\"]", free_port()),
+            );
         c
     }
 
@@ -305,6 +322,18 @@ impl RelayConfig {
         self.values
             .get(&(section.to_string(), key.to_string()))
             .map(String::as_str)
+    }
+
+    /// The panel's (and the API's) port.
+    pub fn panel_port(&self) -> u16 {
+        let v = self
+            .get("panel", "listen")
+            .expect("panel listener configured");
+        v.trim_matches(|c| c == '[' || c == ']' || c == '"')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("panel port")
     }
 
     fn port_of(&self, key: &str) -> u16 {

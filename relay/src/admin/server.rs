@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::Utc;
 use domauth_store::{
     AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError,
     normalize_domain,
@@ -21,7 +21,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::watch};
 
-use crate::{logsafe::Escaped, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier};
+use crate::{
+    logsafe::Escaped,
+    ops::{OpError, Ops, ts},
+    queue::QueueHandle,
+    smtp::auth::hash_password,
+    verify::Verifier,
+    verify_dns::CheckOutcome,
+};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -35,6 +42,8 @@ pub struct AdminState {
     pub passwords: crate::passwords::Backend,
     /// DKIM keys of authorized domains (SPEC §9).
     pub dkim: Arc<crate::dkim_keys::DkimKeys>,
+    /// The domain, account and explain operations, shared with the panel and the API.
+    pub ops: Ops,
 }
 
 /// An error for the CLI: HTTP status plus one line of text.
@@ -43,6 +52,18 @@ pub struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        let status = match e {
+            OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -102,6 +123,10 @@ pub fn router(state: AdminState) -> Router {
             "/hostings/{name}/domains/{domain}/dkim-rotate",
             post(rotate_dkim),
         )
+        .route(
+            "/hostings/{name}/tokens",
+            post(issue_token).delete(revoke_tokens),
+        )
         .route("/queue", get(list_queue))
         .route("/queue/{id}", get(show_queued).delete(delete_queued))
         .route("/queue/{id}/retry", post(retry_queued))
@@ -153,11 +178,6 @@ pub async fn serve(
             tracing::error!(error = %e, "admin API stopped");
         }
     }))
-}
-
-fn ts(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
 }
 
 fn hosting_json(h: &Hosting) -> Value {
@@ -413,7 +433,7 @@ async fn verify_domain(
     }
     let mut v = with_dkim(&s, domain_json(&s.verifier, &d), &d)?;
     v["check"] = json!({
-        "found": matches!(outcome, crate::verify_dns::CheckOutcome::Verified),
+        "found": matches!(outcome, CheckOutcome::Verified),
         "outcome": outcome.to_string(),
     });
     Ok(Json(v))
@@ -534,9 +554,23 @@ async fn delete_account(
     State(s): State<AdminState>,
     UrlPath((hosting, address)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    s.store.delete_account(&hosting, &address)?;
-    tracing::info!(event = "account_deleted", hosting = %Escaped(&hosting), account = %Escaped(&address), "admin");
+    s.ops.delete_account(&hosting, &address)?;
     Ok(Json(json!({ "deleted": address })))
+}
+
+/// `domauth hosting token NAME`: a new API token, shown once.
+async fn issue_token(State(s): State<AdminState>, UrlPath(hosting): UrlPath<String>) -> ApiResult {
+    let token = s.ops.issue_token(&hosting)?;
+    Ok(Json(json!({ "hosting": hosting, "token": token })))
+}
+
+/// `domauth hosting token NAME --revoke`: every token of the hosting stops working.
+async fn revoke_tokens(
+    State(s): State<AdminState>,
+    UrlPath(hosting): UrlPath<String>,
+) -> ApiResult {
+    let revoked = s.ops.revoke_tokens(&hosting)?;
+    Ok(Json(json!({ "hosting": hosting, "revoked": revoked })))
 }
 
 async fn list_queue(State(s): State<AdminState>) -> ApiResult {
@@ -583,6 +617,6 @@ struct ExplainQuery {
 }
 
 async fn explain(State(s): State<AdminState>, Query(q): Query<ExplainQuery>) -> ApiResult {
-    let d = crate::passwords::explain(&s.passwords, &s.store, &q.login, &q.sender);
+    let d = s.ops.explain(&q.login, &q.sender);
     Ok(Json(json!({ "allowed": d.allowed, "reason": d.reason })))
 }

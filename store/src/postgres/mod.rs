@@ -135,6 +135,13 @@ const TABLES: &[Table] = &[
         value: "record",
         json: true,
     },
+    Table {
+        tree: "api_tokens",
+        table: "api_tokens",
+        keys: &["id"],
+        value: "record",
+        json: true,
+    },
 ];
 
 /// Trees kept in the view only, rebuilt from others.

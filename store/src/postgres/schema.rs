@@ -86,6 +86,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
              PRIMARY KEY (hosting, domain)
          );",
     ),
+    (
+        5,
+        // API bearer tokens of hostings (SPEC §8): the hosting and the SHA-256 of the
+        // token's secret, keyed by the token's id.
+        "CREATE TABLE api_tokens (
+             id text PRIMARY KEY,
+             record jsonb NOT NULL
+         );",
+    ),
 ];
 
 /// Brings the schema to the newest version. Returns the migrations applied now.

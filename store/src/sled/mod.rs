@@ -46,6 +46,7 @@ pub(crate) mod dkim;
 pub(crate) mod domain;
 pub(crate) mod hosting;
 pub(crate) mod mailbox;
+pub(crate) mod token;
 
 #[cfg(test)]
 use self::hosting::Hosting;
@@ -67,6 +68,7 @@ pub const TREES: &[&str] = &[
     "accounts",
     "account_index",
     "dkim_keys",
+    "api_tokens",
 ];
 
 /// The open database. Cloning is cheap: sled's `Db` and `Tree` are reference counted.
@@ -80,6 +82,7 @@ pub struct SledStore {
     accounts: sled::Tree,
     account_index: sled::Tree,
     dkim_keys: sled::Tree,
+    api_tokens: sled::Tree,
 }
 
 impl SledStore {
@@ -116,6 +119,7 @@ impl SledStore {
             accounts: db.open_tree("accounts")?,
             account_index: db.open_tree("account_index")?,
             dkim_keys: db.open_tree("dkim_keys")?,
+            api_tokens: db.open_tree("api_tokens")?,
             db,
         })
     }
@@ -136,6 +140,7 @@ impl SledStore {
             "accounts" => &self.accounts,
             "account_index" => &self.account_index,
             "dkim_keys" => &self.dkim_keys,
+            "api_tokens" => &self.api_tokens,
             other => return Err(StoreError::Invalid(format!("unknown store tree {other:?}"))),
         })
     }
