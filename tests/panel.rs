@@ -1,0 +1,838 @@
+//! The hosting panel (SPEC §8) in a real browser: headless Chromium over WebDriver against
+//! the real `domauth serve`, the in-process DNS server whose TXT records the test changes,
+//! and swaks through the relay to prove a change made in the panel is in force for SMTP.
+//!
+//! Controls and fields are found by the words SPEC §8 puts on them ("Add domain", "Verify",
+//! "Hosting", ...), as a user finds them. Screenshots of each step of a failing test are
+//! left in `target/tmp/panel/<test>/`.
+
+#[path = "common/browser.rs"]
+mod browser;
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use browser::{Browser, BrowserOptions};
+use common::{Relay, RelayConfig, Sink, dns::TestDns, free_port};
+
+const HOSTING: &str = "acme";
+const PANEL_PASSWORD: &str = "panel-secret-1";
+const MAILBOX: &str = "info@acme.example";
+const MAILBOX_PASSWORD: &str = "mailbox-pw-1";
+const LABEL: &str = "domauthvalidation";
+
+/// One browser test at a time: each runs a relay and a Chromium, and the machine is small.
+static ONE_BROWSER: Mutex<()> = Mutex::new(());
+
+/// Runs a browser test's steps on a runtime of its own, one test at a time.
+fn serial(steps: impl std::future::Future<Output = ()>) {
+    let _one = ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(steps);
+}
+
+/// The relay with its panel on a free port, a DNS server for the zone `example`, an
+/// upstream, and the hosting `acme` (own domain acme.example, mailbox info@acme.example,
+/// panel password set).
+struct Panel {
+    relay: Relay,
+    dns: TestDns,
+    sink: Sink,
+    base: String,
+}
+
+impl Panel {
+    fn start() -> Panel {
+        Panel::start_with(|_| {})
+    }
+
+    fn start_with(tweak: impl FnOnce(&mut RelayConfig)) -> Panel {
+        let sink = Sink::start();
+        let dns = TestDns::start("example");
+        let port = free_port();
+        let mut config = RelayConfig::new(sink.port);
+        config
+            .set("dns", "nameservers", &format!("[\"{}\"]", dns.addr()))
+            .set("panel", "listen", &format!("[\"127.0.0.1:{port}\"]"));
+        tweak(&mut config);
+        let relay = Relay::start_with(config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(200),
+        )
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the panel did not listen on 127.0.0.1:{port}:\n{}",
+                relay.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        relay.add_mailbox(HOSTING, MAILBOX, MAILBOX_PASSWORD);
+        relay.cli_ok(
+            &["hosting", "passwd", HOSTING],
+            &format!("{PANEL_PASSWORD}\n"),
+        );
+        Panel {
+            relay,
+            dns,
+            sink,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The TXT value to publish for `domain`, as the CLI shows it.
+    fn token(&self, domain: &str) -> String {
+        let out = self.relay.cli_ok(
+            &["domain", "show", domain, "--hosting", HOSTING, "--json"],
+            "",
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("domain show --json");
+        v["record"]["value"]
+            .as_str()
+            .expect("record.value in domain show --json")
+            .to_string()
+    }
+
+    fn publish(&self, domain: &str, value: &str) {
+        self.dns.set_txt(&format!("{LABEL}.{domain}."), &[value]);
+    }
+
+    /// swaks as the mailbox, sending as `from`: its exit code (0: 250, 23: MAIL refused).
+    fn send_as(&self, from: &str) -> common::SwaksResult {
+        self.relay
+            .swaks()
+            .auth(MAILBOX, MAILBOX_PASSWORD)
+            .from(from)
+            .to("someone@elsewhere.test")
+            .header(&format!("From: {from}"))
+            .run()
+    }
+}
+
+/// Signs in as `acme` from the sign-in page and waits for the home page.
+async fn sign_in(b: &mut Browser, p: &Panel) {
+    b.goto(&p.url("/")).await;
+    b.fill("Hosting", HOSTING).await;
+    b.fill("Password", PANEL_PASSWORD).await;
+    b.click("Sign in").await;
+    b.wait_text("Domain authorization").await;
+}
+
+/// From the home page: "Add domain", type it, "Add"; waits for the record page.
+async fn add_domain(b: &mut Browser, p: &Panel, domain: &str) {
+    b.goto(&p.url("/")).await;
+    b.click("Add domain").await;
+    b.fill("Domain", domain).await;
+    b.click("Add").await;
+    b.wait_text(&format!("{LABEL}.{domain}")).await;
+}
+
+/// Goes home and waits for the domain's row.
+async fn home_row(b: &mut Browser, p: &Panel, domain: &str) -> String {
+    b.goto(&p.url("/")).await;
+    b.wait_text("Domain authorization").await;
+    let deadline = Instant::now() + browser::PAGE_TIMEOUT;
+    loop {
+        if let Some(row) = b.scope_text(domain, "Verify").await {
+            return row;
+        }
+        if Instant::now() >= deadline {
+            b.fail(&format!(
+                "no row with {domain} and \"Verify\" on the home page"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Lines of `text` that mention `address`.
+fn lines_with<'a>(text: &'a str, address: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(address)).collect()
+}
+
+/// True when some line mentioning `address` also says one of `words` (case-insensitive).
+fn says(text: &str, address: &str, words: &[&str]) -> bool {
+    lines_with(text, address).iter().any(|l| {
+        let l = l.to_lowercase();
+        words.iter().any(|w| l.contains(w))
+    })
+}
+
+/// The record's name is shown bare too: "domauthvalidation" not followed by ".".
+fn shows_bare_label(shown: &str) -> bool {
+    shown
+        .split(LABEL)
+        .skip(1)
+        .any(|rest| !rest.starts_with('.'))
+}
+
+// ---------------------------------------------------------------- the harness itself
+
+/// The no-JavaScript pass below is only a proof if the switch really stops scripts: a page
+/// whose script changes its text shows the change with JavaScript on and not with it off.
+#[test]
+fn harness_javascript_switch_really_blocks_scripts() {
+    serial(harness_javascript_switch_really_blocks_scripts_steps());
+}
+
+async fn harness_javascript_switch_really_blocks_scripts_steps() {
+    let page = "data:text/html,<p id=x>static</p><script>document.getElementById('x').textContent='scripted'</script>";
+    for (javascript, expected) in [(true, "scripted"), (false, "static")] {
+        let mut b = Browser::start(
+            &format!("harness-js-{javascript}"),
+            BrowserOptions {
+                javascript,
+                ..Default::default()
+            },
+        )
+        .await;
+        b.goto(page).await;
+        let text = b.wait_text_any(&["scripted", "static"]).await;
+        b.check(
+            text.trim() == expected,
+            &format!("javascript={javascript}: the page says {text:?}, expected {expected:?}"),
+        )
+        .await;
+        b.close().await;
+    }
+}
+
+// ---------------------------------------------------------------- sign-in and session
+
+#[test]
+fn sign_in_failure_does_not_say_which_field_and_success_lands_home() {
+    serial(sign_in_failure_does_not_say_which_field_and_success_lands_home_steps());
+}
+
+async fn sign_in_failure_does_not_say_which_field_and_success_lands_home_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("sign-in", BrowserOptions::default()).await;
+
+    b.goto(&p.url("/")).await;
+    b.field("Hosting").await;
+    b.field("Password").await;
+    let blank = b.text().await;
+    b.step("sign-in-page").await;
+
+    // Right hosting, wrong password.
+    b.fill("Hosting", HOSTING).await;
+    b.fill("Password", "not-the-password").await;
+    b.click("Sign in").await;
+    let wrong_password = b.wait_change(&blank).await;
+    b.step("wrong-password").await;
+    b.check(
+        !wrong_password.contains("Domain authorization"),
+        "a wrong password signed in",
+    )
+    .await;
+
+    // Unknown hosting, a password that exists elsewhere.
+    b.goto(&p.url("/")).await;
+    b.fill("Hosting", "nosuchhosting").await;
+    b.fill("Password", PANEL_PASSWORD).await;
+    b.click("Sign in").await;
+    let unknown_hosting = b.wait_change(&blank).await;
+    b.step("unknown-hosting").await;
+    b.check(
+        !unknown_hosting.contains("Domain authorization"),
+        "an unknown hosting signed in",
+    )
+    .await;
+    // The same words for both: nothing tells which field was wrong.
+    let neutral = |t: &str| t.replace(HOSTING, "").replace("nosuchhosting", "");
+    b.check(
+        neutral(&wrong_password) == neutral(&unknown_hosting),
+        &format!(
+            "a wrong password and an unknown hosting read differently:\n--- wrong password:\n\
+             {wrong_password}\n--- unknown hosting:\n{unknown_hosting}"
+        ),
+    )
+    .await;
+    for telltale in [
+        "wrong password",
+        "unknown hosting",
+        "no such hosting",
+        "password is",
+    ] {
+        b.check(
+            !wrong_password.to_lowercase().contains(telltale),
+            &format!("the failure says {telltale:?}"),
+        )
+        .await;
+    }
+
+    let before: Vec<(String, String)> = b
+        .cookies()
+        .await
+        .iter()
+        .map(|c| (c.name().to_string(), c.value().to_string()))
+        .collect();
+    sign_in(&mut b, &p).await;
+    b.step("home").await;
+    b.check(
+        b.text().await.contains("Add domain"),
+        "the home page has no \"Add domain\"",
+    )
+    .await;
+
+    // The session cookie: HttpOnly, SameSite=Strict, and a new one at sign-in (no
+    // session fixation).
+    let cookies = b.cookies().await;
+    b.check(!cookies.is_empty(), "signed in, but no cookie was set")
+        .await;
+    for c in &cookies {
+        b.check(
+            c.http_only() == Some(true),
+            &format!("cookie {} is not HttpOnly", c.name()),
+        )
+        .await;
+        b.check(
+            format!("{:?}", c.same_site()) == "Some(Strict)",
+            &format!(
+                "cookie {} is not SameSite=Strict: {:?}",
+                c.name(),
+                c.same_site()
+            ),
+        )
+        .await;
+        if let Some((_, old)) = before.iter().find(|(n, _)| n == c.name()) {
+            b.check(
+                old != c.value(),
+                &format!("cookie {} kept its value across sign-in", c.name()),
+            )
+            .await;
+        }
+    }
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- the seed workflow
+
+/// The workflow the product exists for, end to end, with JavaScript on: add a domain, read
+/// the record, fail to verify (not found, then mismatch), publish, verify, type accounts,
+/// send through the relay, remove one, check a sender, delete (cancel, then confirm), sign
+/// out.
+#[test]
+fn seed_workflow_in_the_browser() {
+    serial(seed_workflow_in_the_browser_steps());
+}
+
+async fn seed_workflow_in_the_browser_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("seed-workflow", BrowserOptions::default()).await;
+    let domain = "partner.example";
+
+    sign_in(&mut b, &p).await;
+    b.step("home-empty").await;
+
+    // Add domain -> the record page.
+    add_domain(&mut b, &p, domain).await;
+    b.step("record").await;
+    let token = p.token(domain);
+    let shown = b.shown().await;
+    b.check(
+        shown.contains(&format!("{LABEL}.{domain}")),
+        "the record page lacks the full name",
+    )
+    .await;
+    b.check(
+        shows_bare_label(&shown),
+        "the record page lacks the bare label",
+    )
+    .await;
+    b.check(shown.contains("TXT"), "the record page lacks the type TXT")
+        .await;
+    b.check(
+        shown.contains(&token),
+        &format!("the record page lacks the value {token:?}"),
+    )
+    .await;
+    b.check(
+        shown.to_lowercase().contains("hours"),
+        "the record page lacks the note that DNS changes take minutes to hours",
+    )
+    .await;
+    let copies = b
+        .visible("//*[(self::button or self::a) and normalize-space(.)='Copy']|//input[@type='button' and @value='Copy']")
+        .await
+        .len();
+    b.check(
+        copies >= 3,
+        &format!(
+            "{copies} \"Copy\" buttons on the record page, expected one each for Name, Type, Value"
+        ),
+    )
+    .await;
+
+    // Verify before publishing: not found, still pending.
+    b.click("Verify").await;
+    b.wait_text_any(&["not found", "does not exist", "no txt"])
+        .await;
+    b.step("verify-not-found").await;
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(
+        row.contains("Pending"),
+        &format!("the row is not Pending: {row:?}"),
+    )
+    .await;
+
+    // A record with another value: mismatch, showing what was found.
+    p.publish(domain, "wrong-value-123");
+    b.click_in(domain, "Verify").await;
+    let text = b.wait_text("wrong-value-123").await.to_lowercase();
+    b.check(
+        text.contains("mismatch") || text.contains("found"),
+        "a wrong record is not reported as a mismatch",
+    )
+    .await;
+    b.step("verify-mismatch").await;
+
+    // The right record: Verified.
+    p.publish(domain, &token);
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(!row.contains("Verified"), "verified before anybody checked")
+        .await;
+    b.click_in(domain, "Verify").await;
+    b.wait_text("verified").await;
+    b.step("verify-ok").await;
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(
+        row.contains("Verified"),
+        &format!("the row has no Verified badge: {row:?}"),
+    )
+    .await;
+    b.step("home-verified").await;
+
+    // Accounts: separators of every kind, one foreign address, one invalid.
+    b.click_in(domain, "Accounts").await;
+    b.fill_textarea(
+        "sales@partner.example, billing@partner.example\nother@elsewhere.example not-an-address",
+    )
+    .await;
+    b.step("accounts-typed").await;
+    b.click("Save").await;
+    let text = b.wait_text("added").await;
+    b.step("accounts-saved").await;
+    for address in ["sales@partner.example", "billing@partner.example"] {
+        b.check(
+            says(&text, address, &["added"]),
+            &format!("no \"added\" for {address}"),
+        )
+        .await;
+    }
+    b.check(
+        says(&text, "other@elsewhere.example", &["domain"])
+            && !says(&text, "other@elsewhere.example", &["added"]),
+        "the foreign address is not refused as not of this domain",
+    )
+    .await;
+    b.check(
+        says(&text, "not-an-address", &["invalid"]) && !says(&text, "not-an-address", &["added"]),
+        "the invalid address is not refused as invalid",
+    )
+    .await;
+    b.fill_textarea("SALES@partner.example").await;
+    b.click("Save").await;
+    let text = b.wait_text("already").await;
+    b.check(
+        says(&text, "sales@partner.example", &["already listed"]),
+        "an address typed again is not \"already listed\"",
+    )
+    .await;
+    b.step("accounts-already").await;
+
+    // In force for SMTP at once.
+    p.send_as("billing@partner.example").assert_code(0);
+    p.send_as("sales@partner.example").assert_code(0);
+    p.sink.wait_for(2, Duration::from_secs(30));
+
+    // Remove one: refused at the next MAIL FROM.
+    b.click_in("billing@partner.example", "Remove").await;
+    let deadline = Instant::now() + browser::PAGE_TIMEOUT;
+    while b
+        .scope_text("billing@partner.example", "Remove")
+        .await
+        .is_some()
+    {
+        if Instant::now() >= deadline {
+            b.fail("billing@partner.example is still listed after \"Remove\"")
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.step("accounts-removed").await;
+    p.send_as("billing@partner.example")
+        .assert_code(23)
+        .assert_contains("553 5.7.1");
+
+    // Check a sender: what `domauth explain` says.
+    b.click("Check a sender").await;
+    let sender = b.field("Sender").await;
+    b.fill("Mailbox", MAILBOX).await;
+    b.fill("Sender", "sales@partner.example").await;
+    let before = b.text().await;
+    b.submit_form_of(&sender).await;
+    let explained = p.relay.cli(
+        &[
+            "explain",
+            "--login",
+            MAILBOX,
+            "--sender",
+            "sales@partner.example",
+        ],
+        "",
+    );
+    let explained = String::from_utf8_lossy(&explained.stdout)
+        .trim()
+        .to_string();
+    let text = b.wait_change(&before).await;
+    b.step("check-a-sender").await;
+    b.check(
+        text.contains(&explained),
+        &format!("\"Check a sender\" does not say what explain says: {explained:?}"),
+    )
+    .await;
+
+    // Delete: the question, Cancel keeps it, Delete removes it.
+    home_row(&mut b, &p, domain).await;
+    let question = format!("Delete {domain} and its 1 authorized account");
+    for confirm in [false, true] {
+        b.click_in(domain, "Delete").await;
+        if let Some(dialog) = b.dialog_text().await {
+            // A script's confirm(): the same question, OK deletes.
+            b.check(
+                dialog.contains(&question),
+                &format!("the confirmation asks {dialog:?}"),
+            )
+            .await;
+            if confirm {
+                let _ = b.client().accept_alert().await;
+            } else {
+                let _ = b.client().dismiss_alert().await;
+            }
+        } else {
+            b.wait_text(&question).await;
+            b.step(if confirm {
+                "delete-confirm"
+            } else {
+                "delete-ask"
+            })
+            .await;
+            let label = if confirm { "Delete" } else { "Cancel" };
+            b.click_in(&question, label).await;
+        }
+        if !confirm {
+            let row = home_row(&mut b, &p, domain).await;
+            b.check(row.contains("Verified"), "Cancel changed the domain")
+                .await;
+        }
+    }
+    b.goto(&p.url("/")).await;
+    let deadline = Instant::now() + browser::PAGE_TIMEOUT;
+    while b.scope_text(domain, "Verify").await.is_some() {
+        if Instant::now() >= deadline {
+            b.fail("the domain is still listed after \"Delete\"").await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.goto(&p.url("/")).await;
+    }
+    b.step("deleted").await;
+    p.send_as("sales@partner.example")
+        .assert_code(23)
+        .assert_contains("553 5.7.1");
+
+    // Sign out: the session is gone, also for whoever kept its cookie.
+    let kept = b.cookies().await;
+    b.click("Sign out").await;
+    b.field("Hosting").await;
+    b.step("signed-out").await;
+    b.goto(&p.url("/")).await;
+    b.field("Hosting").await;
+    b.assert_no_text("Domain authorization").await;
+    let _ = b.client().delete_all_cookies().await;
+    for c in kept {
+        let _ = b.client().add_cookie(c).await;
+    }
+    b.goto(&p.url("/")).await;
+    b.field("Hosting").await;
+    b.assert_no_text("Domain authorization").await;
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- hostile DNS text
+
+/// A TXT record is attacker-controlled text: the panel shows it as text on the verify
+/// outcome and on the home page; no dialog opens and no element is made from it.
+#[test]
+fn hostile_txt_value_is_shown_as_text() {
+    serial(hostile_txt_value_is_shown_as_text_steps());
+}
+
+async fn hostile_txt_value_is_shown_as_text_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("hostile-txt", BrowserOptions::default()).await;
+    sign_in(&mut b, &p).await;
+    for (domain, hostile) in [
+        ("img.example", "<img src=x onerror=alert(1)>"),
+        ("script.example", "\"><script>alert(1)</script>"),
+    ] {
+        add_domain(&mut b, &p, domain).await;
+        p.publish(domain, hostile);
+        let row = home_row(&mut b, &p, domain).await;
+        b.check(!row.contains("Verified"), "verified with a wrong record")
+            .await;
+        b.click_in(domain, "Verify").await;
+        b.wait_text(hostile).await;
+        b.step(&format!("verify-{domain}")).await;
+        for page in ["verify outcome", "home page"] {
+            if page == "home page" {
+                home_row(&mut b, &p, domain).await;
+                b.wait_text(hostile).await;
+                b.step(&format!("home-{domain}")).await;
+            }
+            let dialog = b.dialog_text().await;
+            b.check(
+                dialog.is_none(),
+                &format!("{page}: a dialog opened: {dialog:?}"),
+            )
+            .await;
+            let made = b
+                .all("//img[@src='x' or @onerror]|//script[contains(., 'alert(1)')]")
+                .await
+                .len();
+            b.check(
+                made == 0,
+                &format!("{page}: the TXT value became {made} element(s)"),
+            )
+            .await;
+        }
+    }
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- live status
+
+/// With a short check_interval the background check verifies a pending domain once its
+/// record appears, and the home page shows it without the user reloading.
+#[test]
+fn pending_row_updates_without_a_manual_reload() {
+    serial(pending_row_updates_without_a_manual_reload_steps());
+}
+
+async fn pending_row_updates_without_a_manual_reload_steps() {
+    let p = Panel::start_with(|c| {
+        c.set("verification", "check_interval", "\"1s\"");
+    });
+    let mut b = Browser::start("live-status", BrowserOptions::default()).await;
+    let domain = "live.example";
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, domain).await;
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(
+        row.contains("Pending"),
+        &format!("a new domain is not Pending: {row:?}"),
+    )
+    .await;
+    b.step("pending").await;
+
+    p.publish(domain, &p.token(domain));
+    // Only waiting from here: no goto, no refresh.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = b.scope_text(domain, "Verify").await.unwrap_or_default();
+        if row.contains("Verified") {
+            break;
+        }
+        if Instant::now() >= deadline {
+            b.fail(&format!(
+                "the row still reads {row:?} 60 s after the record appeared"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    b.step("verified-live").await;
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- refusals on Add
+
+#[test]
+fn add_domain_says_why_a_name_is_refused() {
+    serial(add_domain_says_why_a_name_is_refused_steps());
+}
+
+async fn add_domain_says_why_a_name_is_refused_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("add-refused", BrowserOptions::default()).await;
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, "listed.example").await;
+    for (name, why) in [
+        ("not a domain!", &["invalid"][..]),
+        ("acme.example", &["own"][..]),
+        ("LISTED.example.", &["already"][..]),
+    ] {
+        b.goto(&p.url("/")).await;
+        b.click("Add domain").await;
+        b.fill("Domain", name).await;
+        let before = b.text().await;
+        b.click("Add").await;
+        let text = b.wait_change(&before).await.to_lowercase();
+        b.step(&format!("refused-{}", why[0])).await;
+        b.check(
+            why.iter().any(|w| text.contains(w)),
+            &format!("adding {name:?} does not say {why:?}"),
+        )
+        .await;
+    }
+    let listed = p
+        .relay
+        .cli_ok(&["domain", "list", "--hosting", HOSTING, "--json"], "");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("domain list --json");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "refused names were added: {listed}"
+    );
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- phone width
+
+/// On a phone-sized screen the pages of the workflow scroll only vertically.
+#[test]
+fn phone_sized_window_has_no_horizontal_scroll() {
+    serial(phone_sized_window_has_no_horizontal_scroll_steps());
+}
+
+async fn phone_sized_window_has_no_horizontal_scroll_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start(
+        "phone",
+        BrowserOptions {
+            window: (390, 844),
+            ..Default::default()
+        },
+    )
+    .await;
+    let domain = "a-rather-long-partner-domain-name.example";
+    let overflow = "return [document.documentElement.scrollWidth, \
+                    document.documentElement.clientWidth, window.innerWidth];";
+
+    b.goto(&p.url("/")).await;
+    b.field("Hosting").await;
+    let mut pages = vec![("sign-in", b.script(overflow).await)];
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, domain).await;
+    pages.push(("record", b.script(overflow).await));
+    p.publish(domain, &p.token(domain));
+    home_row(&mut b, &p, domain).await;
+    b.click_in(domain, "Verify").await;
+    b.wait_text("verified").await;
+    home_row(&mut b, &p, domain).await;
+    b.step("home-phone").await;
+    pages.push(("home", b.script(overflow).await));
+    b.click_in(domain, "Accounts").await;
+    b.wait_visible("//textarea", "the accounts text area").await;
+    pages.push(("accounts", b.script(overflow).await));
+
+    for (page, sizes) in pages {
+        let n = |i: usize| sizes[i].as_f64().unwrap_or(f64::MAX);
+        let (scroll, client, inner) = (n(0), n(1), n(2));
+        b.check(
+            inner <= 420.0,
+            &format!("the window is not phone-sized: innerWidth {inner}"),
+        )
+        .await;
+        b.check(
+            scroll <= client,
+            &format!("{page}: scrolls sideways on a phone ({scroll} px wide in {client} px)"),
+        )
+        .await;
+    }
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- without JavaScript
+
+/// The core workflow with JavaScript blocked: plain forms and redirects only.
+#[test]
+fn core_workflow_without_javascript() {
+    serial(core_workflow_without_javascript_steps());
+}
+
+async fn core_workflow_without_javascript_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start(
+        "no-javascript",
+        BrowserOptions {
+            javascript: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let domain = "nojs.example";
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, domain).await;
+    let token = p.token(domain);
+    b.check(
+        b.shown().await.contains(&token),
+        "the record page lacks the value",
+    )
+    .await;
+    b.step("record").await;
+    // Quoted, as users paste it.
+    p.publish(domain, &format!("\"{token}\""));
+    b.click("Verify").await;
+    b.wait_text("verified").await;
+    b.step("verified").await;
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(row.contains("Verified"), "no Verified badge").await;
+
+    b.click_in(domain, "Accounts").await;
+    b.fill_textarea("sales@nojs.example").await;
+    b.click("Save").await;
+    let text = b.wait_text("added").await;
+    b.check(
+        says(&text, "sales@nojs.example", &["added"]),
+        "the account was not added",
+    )
+    .await;
+    b.step("account-added").await;
+    p.send_as("sales@nojs.example").assert_code(0);
+
+    home_row(&mut b, &p, domain).await;
+    b.click_in(domain, "Delete").await;
+    let question = format!("Delete {domain} and its 1 authorized account");
+    b.wait_text(&question).await;
+    b.step("delete-ask").await;
+    b.click_in(&question, "Delete").await;
+    b.wait_text("Domain authorization").await;
+    b.goto(&p.url("/")).await;
+    b.check(
+        b.scope_text(domain, "Verify").await.is_none(),
+        "the domain is still listed after \"Delete\"",
+    )
+    .await;
+    p.send_as("sales@nojs.example").assert_code(23);
+
+    b.click("Sign out").await;
+    b.field("Hosting").await;
+    b.close().await;
+}
