@@ -22,6 +22,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub panel: PanelConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +245,35 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[panel]`: the hosting panel and its HTTP API (SPEC §8), on one listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PanelConfig {
+    /// Empty: no panel and no API.
+    pub listen: Vec<SocketAddr>,
+    /// Serve HTTPS with the `[tls]` pair.
+    pub tls: bool,
+    /// A session unused this long is over.
+    pub session_idle: Dur,
+}
+
+impl Default for PanelConfig {
+    fn default() -> Self {
+        PanelConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8025))],
+            tls: false,
+            session_idle: Dur::secs(30 * 60),
+        }
+    }
+}
+
+impl PanelConfig {
+    fn validate(&self) -> Result<(), String> {
+        positive("panel.session_idle", self.session_idle)?;
+        at_most("panel.session_idle", self.session_idle, max::SCHEDULE)
+    }
+}
+
 /// A duration written as a humantime string (`"1s"`, `"5m"`, `"72h"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -405,6 +435,7 @@ impl Config {
             return Err("limits.auth_failures: must be at least 1".into());
         }
         positive("limits.auth_window", l.auth_window)?;
+        self.panel.validate()?;
         Ok(())
     }
 

@@ -9,13 +9,17 @@
 //! Around them: `config`, `tls`, `server` (listeners, limits, shutdown),
 //! `verify` / `verify_dns` (DNS ownership proofs) and `admin` (the API on
 //! the Unix socket and the CLI's client). `main.rs` is only the CLI.
-//! `logsafe` escapes outside text on its way into the log.
+//! `logsafe` escapes outside text on its way into the log. `ops` holds the
+//! domain/account operations behind every face; `panel` serves the hosting
+//! panel and the public HTTP API (SPEC §8).
 
 pub mod admin;
 pub mod bounce;
 pub mod cleanup;
 pub mod config;
 pub mod logsafe;
+pub mod ops;
+pub mod panel;
 pub mod policy;
 pub mod queue;
 pub mod server;

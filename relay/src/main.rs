@@ -67,6 +67,13 @@ enum HostingCmd {
     Passwd {
         name: String,
     },
+    /// Make an API bearer token (printed once), or revoke all of them.
+    Token {
+        name: String,
+        /// Invalidate every token of this hosting.
+        #[arg(long)]
+        revoke: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +166,7 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
             HostingCmd::Add { name, domains } => Admin::HostingAdd { name, domains },
             HostingCmd::List => Admin::HostingList,
             HostingCmd::Passwd { name } => Admin::HostingPasswd { name },
+            HostingCmd::Token { name, revoke } => Admin::HostingToken { name, revoke },
         },
         Cmd::Mailbox(c) => match c {
             MailboxCmd::Add { address } => Admin::MailboxAdd { address },

@@ -148,6 +148,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
     let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
+    let ops = crate::ops::Ops::new(store.clone(), verifier.clone());
     let admin_task = admin::server::serve(
         &s.admin_socket,
         admin::server::AdminState {
@@ -155,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             verifier,
             queue,
             scheduler: queue_handle,
+            ops: ops.clone(),
         },
         shutdown.clone(),
     )
@@ -195,6 +197,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
 
     let mut accept_loops = Vec::new();
+    // The panel and the API (SPEC §8), bound before the SMTP listeners.
+    accept_loops.extend(crate::panel::serve(&config, ops, shutdown.clone()).await?);
     for (addrs, kind, key) in [
         (&s.submission, Listener::Submission, "server.submission"),
         (&s.submissions, Listener::Submissions, "server.submissions"),

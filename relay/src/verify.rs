@@ -116,6 +116,11 @@ impl Verifier {
         format!("{}.{domain}", self.config.record_label)
     }
 
+    /// The label the TXT record goes to, as configured (`domauthvalidation`).
+    pub fn record_label(&self) -> &str {
+        &self.config.record_label
+    }
+
     /// Checks one domain now and stores the result. A check whose result
     /// arrives after a newer check was stored is dropped (compare-and-swap in
     /// the store), so a manual verify racing the background task never loses
@@ -133,10 +138,19 @@ impl Verifier {
             return Ok(None);
         };
         let started = Utc::now();
-        let outcome = self
-            .dns
-            .check(&self.record_name(&current.domain), &current.token)
-            .await;
+        let name = self.record_name(&current.domain);
+        let mut outcome = self.dns.check(&name, &current.token).await;
+        if !matches!(outcome, CheckOutcome::Verified) && !outcome.is_temporary() {
+            // The commonest mistake: a DNS panel appended the zone to a
+            // name typed in full. Say so instead of a bare "not found".
+            let doubled = format!("{name}.{}", current.domain);
+            if self.dns.check(&doubled, &current.token).await == CheckOutcome::Verified {
+                outcome = CheckOutcome::NotFound(format!(
+                    "no matching TXT record at {name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
+                    self.config.record_label
+                ));
+            }
+        }
         let now = Utc::now();
         let updated = self
             .store

@@ -77,16 +77,26 @@ fn joined_value(record_strings: &[&[u8]]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// Trim, strip one pair of surrounding double quotes, trim again.
+/// Trim, strip one pair of surrounding double quotes, trim again. Curly
+/// quotes count as quotes: word processors and chat tools turn "…" into
+/// “…” on the way to a DNS panel.
 fn normalize(value: &str) -> &str {
     let trimmed = value.trim();
-    match trimmed
-        .strip_prefix('"')
-        .and_then(|rest| rest.strip_suffix('"'))
-    {
-        Some(inner) => inner.trim(),
-        None => trimmed,
+    let pairs = [
+        ('"', '"'),
+        ('\u{201c}', '\u{201d}'),
+        ('\u{201d}', '\u{201d}'),
+        ('\u{2018}', '\u{2019}'),
+    ];
+    for (open, close) in pairs {
+        if let Some(inner) = trimmed
+            .strip_prefix(open)
+            .and_then(|rest| rest.strip_suffix(close))
+        {
+            return inner.trim();
+        }
     }
+    trimmed
 }
 
 /// The `found` text of a mismatch: each value quoted (Rust string escaping, so control
@@ -318,6 +328,8 @@ mod tests {
             (&[b"\"tok"], "tok", false), // unbalanced quote stays
             (&[b"\"tok"], "\"tok", true),
             (&[b"to", b"k"], "tok", true), // strings joined without separator
+            (&["\u{201c}tok\u{201d}".as_bytes()], "tok", true), // curly quotes pasted
+            (&["\u{2018}tok\u{2019}".as_bytes()], "tok", true),
             (&[b"\"to", b"k\""], "tok", true),
             (&[b"to ", b"k"], "tok", false), // inner whitespace is significant
             (&[b"TOK"], "tok", false),       // case-sensitive

@@ -22,6 +22,7 @@
 //! | `domains`       | `hosting\0domain`    | [`AuthorizedDomain`]                    |
 //! | `accounts`      | `hosting\0address`   | [`AuthorizedAccount`]                   |
 //! | `account_index` | `address\0hosting`   | empty                                   |
+//! | `api_tokens`    | token id             | [`ApiToken`] (hosting, hash of the secret) |
 //!
 //! - `own_domains` is the index of [`Hosting::domains`]: a domain is the own domain of at
 //!   most one hosting, and a mailbox's hosting is found from its address's domain.
@@ -47,6 +48,7 @@ mod hosting;
 mod mailbox;
 mod names;
 mod queue;
+mod token;
 
 pub use account::AuthorizedAccount;
 pub use chrono::{DateTime, Utc};
@@ -58,6 +60,7 @@ pub use queue::{
     BodyType, DeliveryState, Envelope, MessageReader, MessageWriter, OpenReport, Queue,
     QueueRecipient, QueuedMessage, QueuedSummary, RecipientStatus, SyncMethod, is_disk_full,
 };
+pub use token::ApiToken;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -117,6 +120,7 @@ pub struct Store {
     domains: sled::Tree,
     accounts: sled::Tree,
     account_index: sled::Tree,
+    api_tokens: sled::Tree,
 }
 
 impl Store {
@@ -137,6 +141,7 @@ impl Store {
             domains: db.open_tree("domains")?,
             accounts: db.open_tree("accounts")?,
             account_index: db.open_tree("account_index")?,
+            api_tokens: db.open_tree("api_tokens")?,
             db,
         };
         Ok(store)

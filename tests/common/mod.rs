@@ -263,7 +263,13 @@ impl RelayConfig {
             .set("queue", "retry_initial", "\"1s\"")
             .set("queue", "retry_max", "\"2s\"")
             .set("queue", "probe_interval", "\"1s\"")
-            .set("limits", "auth_failure_delay", "\"100ms\"");
+            .set("limits", "auth_failure_delay", "\"100ms\"")
+            // The panel and API (SPEC §8) on a free port: the default 8025 would be shared.
+            .set(
+                "panel",
+                "listen",
+                &format!("[\"127.0.0.1:{}\"]", free_port()),
+            );
         c
     }
 
@@ -279,6 +285,18 @@ impl RelayConfig {
         self.values
             .get(&(section.to_string(), key.to_string()))
             .map(String::as_str)
+    }
+
+    /// The panel's (and the API's) port.
+    pub fn panel_port(&self) -> u16 {
+        let v = self
+            .get("panel", "listen")
+            .expect("panel listener configured");
+        v.trim_matches(|c| c == '[' || c == ']' || c == '"')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("panel port")
     }
 
     fn port_of(&self, key: &str) -> u16 {

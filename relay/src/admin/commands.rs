@@ -20,6 +20,10 @@ pub enum Command {
     HostingPasswd {
         name: String,
     },
+    HostingToken {
+        name: String,
+        revoke: bool,
+    },
     MailboxAdd {
         address: String,
     },
@@ -189,6 +193,23 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 print_json(&v);
             } else {
                 println!("password of hosting {name} changed");
+            }
+        }
+        HostingToken { name, revoke } => {
+            let path = format!("/hostings/{}/tokens", segment(&name));
+            let method = if revoke { Method::DELETE } else { Method::POST };
+            let v = client.call(method, &path, None).await?;
+            if as_json {
+                print_json(&v);
+            } else if revoke {
+                println!(
+                    "{} API token(s) of hosting {name} revoked",
+                    s(&v, "revoked")
+                );
+            } else {
+                // The token alone on stdout, so scripts can capture it; it is
+                // shown this once and stored only as a hash.
+                println!("{}", s(&v, "token"));
             }
         }
         MailboxAdd { address } => {

@@ -12,17 +12,19 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use chrono::{DateTime, SecondsFormat, Utc};
-use domauth_store::{
-    AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError,
-    normalize_domain,
-};
+use chrono::Utc;
+use domauth_store::{Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError, normalize_domain};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::watch};
 
 use crate::{
-    logsafe::Escaped, policy, queue::QueueHandle, smtp::auth::hash_password, verify::Verifier,
+    logsafe::Escaped,
+    ops::{DomainView, OpError, Ops, account_json, ts},
+    queue::QueueHandle,
+    smtp::auth::hash_password,
+    verify::Verifier,
+    verify_dns::CheckOutcome,
 };
 
 #[derive(Clone)]
@@ -33,6 +35,8 @@ pub struct AdminState {
     /// `retry` and `delete`).
     pub queue: Queue,
     pub scheduler: QueueHandle,
+    /// The domain, account and explain operations, shared with the panel and the API.
+    pub ops: Ops,
 }
 
 /// An error for the CLI: HTTP status plus one line of text.
@@ -41,6 +45,18 @@ pub struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        let status = match e {
+            OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -96,6 +112,10 @@ pub fn router(state: AdminState) -> Router {
             "/hostings/{name}/accounts/{address}",
             axum::routing::delete(delete_account),
         )
+        .route(
+            "/hostings/{name}/tokens",
+            post(issue_token).delete(revoke_tokens),
+        )
         .route("/queue", get(list_queue))
         .route("/queue/{id}", get(show_queued).delete(delete_queued))
         .route("/queue/{id}/retry", post(retry_queued))
@@ -149,35 +169,12 @@ pub async fn serve(
     }))
 }
 
-fn ts(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
-}
-
 fn hosting_json(h: &Hosting) -> Value {
     json!({ "name": h.name, "domains": h.domains, "created_at": ts(Some(h.created_at)) })
 }
 
 fn mailbox_json(m: &Mailbox) -> Value {
     json!({ "address": m.address, "hosting": m.hosting, "created_at": ts(Some(m.created_at)) })
-}
-
-fn account_json(a: &AuthorizedAccount) -> Value {
-    json!({ "address": a.address, "domain": a.domain, "hosting": a.hosting, "created_at": ts(Some(a.created_at)) })
-}
-
-fn domain_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
-    json!({
-        "domain": d.domain,
-        "hosting": d.hosting,
-        "status": d.status.to_string(),
-        "record": { "name": verifier.record_name(&d.domain), "type": "TXT", "value": d.token },
-        "last_check": ts(d.last_check),
-        "last_error": d.last_error,
-        "record_missing_since": ts(d.record_missing_since),
-        "created_at": ts(Some(d.created_at)),
-        "verified_at": ts(d.verified_at),
-    })
 }
 
 fn queue_json(m: &QueuedMessage) -> Value {
@@ -331,67 +328,47 @@ async fn add_domain(
     UrlPath(hosting): UrlPath<String>,
     Json(req): Json<NewDomain>,
 ) -> ApiResult {
-    let token =
-        crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let d = s.store.add_domain(&hosting, &req.domain, &token)?;
-    tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
-    Ok(Json(domain_json(&s.verifier, &d)))
+    Ok(Json(s.ops.add_domain(&hosting, &req.domain)?.to_json()))
 }
 
 async fn list_domains(State(s): State<AdminState>, UrlPath(hosting): UrlPath<String>) -> ApiResult {
-    let list: Vec<Value> = s
-        .store
-        .domains(&hosting)?
-        .iter()
-        .map(|d| domain_json(&s.verifier, d))
-        .collect();
-    Ok(Json(Value::Array(list)))
-}
-
-fn domain_key(domain: &str) -> Result<String, ApiError> {
-    Ok(normalize_domain(domain)?)
+    let list = s.ops.list_domains(&hosting)?;
+    Ok(Json(Value::Array(
+        list.iter().map(|d| d.to_json()).collect(),
+    )))
 }
 
 async fn show_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let domain = domain_key(&domain)?;
-    let d = s
-        .store
-        .domain(&hosting, &domain)?
-        .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
-    let mut v = domain_json(&s.verifier, &d);
-    v["accounts"] = json!(s.store.account_count(&hosting, &domain)?);
-    Ok(Json(v))
+    Ok(Json(s.ops.domain(&hosting, &domain)?.to_json()))
 }
 
 async fn verify_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let domain = domain_key(&domain)?;
-    let (d, outcome) = s
-        .verifier
-        .check(&hosting, &domain)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
-        .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
-    let mut v = domain_json(&s.verifier, &d);
+    let (d, outcome) = s.ops.verify(&hosting, &domain).await?;
+    Ok(Json(verify_json(&d, &outcome)))
+}
+
+/// The domain after a check, with this check's outcome (`check`).
+pub fn verify_json(d: &DomainView, outcome: &CheckOutcome) -> Value {
+    let mut v = d.to_json();
     v["check"] = json!({
-        "found": matches!(outcome, crate::verify_dns::CheckOutcome::Verified),
+        "found": matches!(outcome, CheckOutcome::Verified),
         "outcome": outcome.to_string(),
     });
-    Ok(Json(v))
+    v
 }
 
 async fn delete_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let domain = domain_key(&domain)?;
-    let accounts = s.store.delete_domain(&hosting, &domain)?;
-    tracing::info!(event = "domain_deleted", hosting = %Escaped(&hosting), domain = %Escaped(&domain), accounts, "admin");
+    let domain = normalize_domain(&domain)?;
+    let accounts = s.ops.delete_domain(&hosting, &domain)?;
     Ok(Json(
         json!({ "domain": domain, "accounts_deleted": accounts }),
     ))
@@ -414,11 +391,8 @@ async fn add_accounts(
     }
     let mut added = Vec::new();
     for address in &req.addresses {
-        match s.store.add_account(&hosting, address) {
-            Ok(a) => {
-                tracing::info!(event = "account_added", hosting = %Escaped(&hosting), account = %Escaped(&a.address), "admin");
-                added.push(account_json(&a));
-            }
+        match s.ops.add_account(&hosting, address) {
+            Ok(a) => added.push(account_json(&a)),
             Err(e) => {
                 let ApiError(status, msg) = ApiError::from(e);
                 let msg = if added.is_empty() {
@@ -459,9 +433,23 @@ async fn delete_account(
     State(s): State<AdminState>,
     UrlPath((hosting, address)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    s.store.delete_account(&hosting, &address)?;
-    tracing::info!(event = "account_deleted", hosting = %Escaped(&hosting), account = %Escaped(&address), "admin");
+    s.ops.delete_account(&hosting, &address)?;
     Ok(Json(json!({ "deleted": address })))
+}
+
+/// `domauth hosting token NAME`: a new API token, shown once.
+async fn issue_token(State(s): State<AdminState>, UrlPath(hosting): UrlPath<String>) -> ApiResult {
+    let token = s.ops.issue_token(&hosting)?;
+    Ok(Json(json!({ "hosting": hosting, "token": token })))
+}
+
+/// `domauth hosting token NAME --revoke`: every token of the hosting stops working.
+async fn revoke_tokens(
+    State(s): State<AdminState>,
+    UrlPath(hosting): UrlPath<String>,
+) -> ApiResult {
+    let revoked = s.ops.revoke_tokens(&hosting)?;
+    Ok(Json(json!({ "hosting": hosting, "revoked": revoked })))
 }
 
 async fn list_queue(State(s): State<AdminState>) -> ApiResult {
@@ -508,6 +496,6 @@ struct ExplainQuery {
 }
 
 async fn explain(State(s): State<AdminState>, Query(q): Query<ExplainQuery>) -> ApiResult {
-    let d = policy::explain(&s.store, &q.login, &q.sender);
+    let d = s.ops.explain(&q.login, &q.sender);
     Ok(Json(json!({ "allowed": d.allowed, "reason": d.reason })))
 }

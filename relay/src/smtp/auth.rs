@@ -65,7 +65,7 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot hash password: {e}"))
 }
 
-fn verify_password(password: &str, phc: &str) -> bool {
+pub fn verify_password(password: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
         Ok(hash) => Argon2::default()
             .verify_password(password.as_bytes(), &hash)
@@ -119,8 +119,9 @@ pub fn log_auth(event: AuthEvent, peer: IpAddr, login: &str) {
     }
 }
 
-/// Failures per key inside a sliding window.
-struct FailureCounter {
+/// Failures per key inside a sliding window (SMTP AUTH here, the panel's
+/// sign-in and the API's bearer tokens in `panel`).
+pub(crate) struct FailureCounter {
     window: Duration,
     threshold: u32,
     entries: HashMap<String, (Instant, u32)>,
@@ -131,7 +132,7 @@ impl FailureCounter {
     /// the expired ones are swept, and if that is not enough the oldest go.
     const MAX_KEYS: usize = 100_000;
 
-    fn new(threshold: u32, window: Duration) -> FailureCounter {
+    pub(crate) fn new(threshold: u32, window: Duration) -> FailureCounter {
         FailureCounter {
             window,
             threshold,
@@ -139,7 +140,7 @@ impl FailureCounter {
         }
     }
 
-    fn blocked(&self, key: &str, now: Instant) -> bool {
+    pub(crate) fn blocked(&self, key: &str, now: Instant) -> bool {
         match self.entries.get(key) {
             Some((start, count)) => {
                 now.duration_since(*start) < self.window && *count >= self.threshold
@@ -148,7 +149,7 @@ impl FailureCounter {
         }
     }
 
-    fn record(&mut self, key: &str, now: Instant) {
+    pub(crate) fn record(&mut self, key: &str, now: Instant) {
         if self.entries.len() >= Self::MAX_KEYS {
             let window = self.window;
             self.entries
