@@ -320,8 +320,13 @@ impl Browser {
         let deadline = Instant::now() + PAGE_TIMEOUT;
         loop {
             let text = self.text().await;
-            if text != before {
-                return text;
+            // Empty while the next page loads; then settled when two reads agree.
+            if !text.is_empty() && text != before {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if self.text().await == text {
+                    return text;
+                }
+                continue;
             }
             if Instant::now() >= deadline {
                 self.fail("the page did not change").await;
@@ -330,11 +335,11 @@ impl Browser {
         }
     }
 
-    /// The text of the innermost element showing `text` together with a control saying
-    /// `label` (a domain's row), or None when there is none.
-    pub async fn scope_text(&self, text: &str, label: &str) -> Option<String> {
-        let found = self.visible(&Self::scope_xpath(text, label)).await;
-        match found.first() {
+    /// The text of the row (a table row or list item) that shows `text` and has a control
+    /// saying `label` (a domain's row, an account's row), or None when there is none.
+    pub async fn row_text(&self, text: &str, label: &str) -> Option<String> {
+        let found = self.visible(&Self::row_xpath(text, label)).await;
+        match found.last() {
             Some(e) => e.text().await.ok(),
             None => None,
         }
@@ -440,6 +445,16 @@ impl Browser {
         format!("//body//*[{cond} and not(.//*[{cond}])]")
     }
 
+    /// Rows of a list: table rows and list items (or what says it is one).
+    fn row_xpath(text: &str, label: &str) -> String {
+        let t = xpath_literal(text);
+        let c = control_condition(label);
+        format!(
+            "//*[(self::tr or self::li or @role='row' or @role='listitem') \
+             and contains(normalize-space(.), {t}) and .//*[{c}]]"
+        )
+    }
+
     // ------------------------------------------------------------ acting
 
     /// Clicks the one visible control that says `label` (button, submit, link).
@@ -456,6 +471,22 @@ impl Browser {
         let xpath = format!("{scope}//*[{}]", control_condition(label));
         self.click_xpath(&xpath, &format!("a control {label:?} next to {text:?}"))
             .await;
+    }
+
+    /// Clicks the control saying `label` in the row (table row, list item) that shows
+    /// `text`: `click_in_row("partner.example", "Verify")`.
+    pub async fn click_in_row(&mut self, text: &str, label: &str) {
+        let t = xpath_literal(text);
+        let xpath = format!(
+            "//*[{}][ancestor::*[self::tr or self::li or @role='row' or @role='listitem'][1]\
+             [contains(normalize-space(.), {t})]]",
+            control_condition(label)
+        );
+        self.click_xpath(
+            &xpath,
+            &format!("a control {label:?} in the row of {text:?}"),
+        )
+        .await;
     }
 
     async fn click_xpath(&mut self, xpath: &str, what: &str) {
