@@ -124,11 +124,80 @@ impl Panel {
 
 /// Signs in as `acme` from the sign-in page and waits for the home page.
 async fn sign_in(b: &mut Browser, p: &Panel) {
+    sign_in_as(b, p, HOSTING, PANEL_PASSWORD).await;
+}
+
+async fn sign_in_as(b: &mut Browser, p: &Panel, hosting: &str, password: &str) {
     b.goto(&p.url("/")).await;
-    b.fill("Hosting", HOSTING).await;
-    b.fill("Password", PANEL_PASSWORD).await;
+    b.fill("Hosting", hosting).await;
+    b.fill("Password", password).await;
     b.click("Sign in").await;
     b.wait_text("Domain authorization").await;
+}
+
+/// The domains of `acme`, as the CLI lists them.
+fn listed_domains(p: &Panel) -> Vec<String> {
+    let out = p
+        .relay
+        .cli_ok(&["domain", "list", "--hosting", HOSTING, "--json"], "");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("domain list --json");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["domain"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Sends a POST form to `action` from the current page, as the page's own forms do: with
+/// the page's hidden fields (its CSRF token) and `fields`.
+async fn post_from_page(b: &mut Browser, action: &str, fields: &[(&str, &str)]) {
+    let fields: Vec<serde_json::Value> = fields
+        .iter()
+        .map(|(n, v)| serde_json::json!([n, v]))
+        .collect();
+    let script = "const [action, fields] = arguments;
+        const f = document.createElement('form');
+        f.method = 'post';
+        f.action = action;
+        const add = (name, value) => {
+            if (f.querySelector(`[name=\"${name}\"]`)) return;
+            const i = document.createElement('input');
+            i.type = 'hidden'; i.name = name; i.value = value;
+            f.appendChild(i);
+        };
+        for (const [n, v] of fields) add(n, v);
+        document.querySelectorAll('input[type=hidden]').forEach(i => add(i.name, i.value));
+        document.body.appendChild(f);
+        window.domauthOldPage = true;
+        f.submit();";
+    if let Err(e) = b
+        .client()
+        .execute(
+            script,
+            vec![serde_json::json!(action), serde_json::json!(fields)],
+        )
+        .await
+    {
+        b.fail(&format!("post a form to {action}: {e}")).await;
+    }
+    // The answer is a new document (the marker is gone), settled.
+    let deadline = Instant::now() + browser::PAGE_TIMEOUT;
+    loop {
+        let old = b
+            .client()
+            .execute("return window.domauthOldPage === true;", vec![])
+            .await
+            .map(|v| v == serde_json::Value::Bool(true))
+            .unwrap_or(true);
+        if !old && !b.text().await.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            b.fail(&format!("no answer to the form sent to {action}"))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// From the home page: "Add domain", type it, "Add"; waits for the record page.
@@ -398,6 +467,22 @@ async fn seed_workflow_in_the_browser_steps() {
     )
     .await;
     b.step("verify-mismatch").await;
+    // "Verify" saved its outcome: the list shows it, with when.
+    let row = home_row(&mut b, &p, domain).await;
+    b.check(
+        row.contains("wrong-value-123") && row.to_lowercase().contains("last checked"),
+        &format!("the row does not keep the last check (when, what was found): {row:?}"),
+    )
+    .await;
+
+    // The commonest mistake: the name typed with the zone twice. The panel says so.
+    let doubled = format!("{LABEL}.{domain}.{domain}.");
+    p.dns.remove(&format!("{LABEL}.{domain}."));
+    p.dns.set_txt(&doubled, &[&token]);
+    b.click_in_row(domain, "Verify").await;
+    b.wait_text(&format!("{domain}.{domain}")).await;
+    b.step("verify-zone-twice").await;
+    p.dns.remove(&doubled);
 
     // The right record: Verified.
     p.publish(domain, &token);
@@ -840,5 +925,252 @@ async fn core_workflow_without_javascript_steps() {
 
     b.click("Sign out").await;
     b.field("Hosting").await;
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- tenant isolation
+
+/// Another hosting gets, for acme's domain, exactly what it gets for a domain that does
+/// not exist: on every page of a domain and for every action, through the browser.
+#[test]
+fn another_hostings_domain_is_not_found_in_the_panel() {
+    serial(another_hostings_domain_is_not_found_in_the_panel_steps());
+}
+
+async fn another_hostings_domain_is_not_found_in_the_panel_steps() {
+    let p = Panel::start();
+    p.relay
+        .cli_ok(&["hosting", "add", "beta", "--domain", "beta.example"], "");
+    p.relay
+        .cli_ok(&["hosting", "passwd", "beta"], "beta-secret-1\n");
+    let mut b = Browser::start("isolation", BrowserOptions::default()).await;
+    let domain = "partner.example";
+    let absent = "nosuch.example";
+
+    // As acme: the domain, verified, with an account; collect the addresses of its pages
+    // and forms from the panel itself.
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, domain).await;
+    let token = p.token(domain);
+    p.publish(domain, &token);
+    p.relay
+        .cli_ok(&["domain", "verify", domain, "--hosting", HOSTING], "");
+    p.relay.cli_ok(
+        &[
+            "account",
+            "add",
+            "sales@partner.example",
+            "--hosting",
+            HOSTING,
+        ],
+        "",
+    );
+    home_row(&mut b, &p, domain).await;
+    let t = browser::xpath_literal(domain);
+    let row =
+        format!("//tr[contains(normalize-space(.), {t})]|//li[contains(normalize-space(.), {t})]");
+    let mut pages = Vec::new();
+    for link in b.all(&format!("({row})//a[@href]")).await {
+        if let Ok(Some(href)) = link.prop("href").await {
+            pages.push(href);
+        }
+    }
+    let mut actions = Vec::new();
+    for form in b
+        .all(&format!("({row})//form[@method='post' or @method='POST']"))
+        .await
+    {
+        if let Ok(Some(action)) = form.prop("action").await {
+            actions.push(action);
+        }
+    }
+    // The delete form is on the confirmation page; the accounts forms on theirs.
+    for page in pages.clone() {
+        b.goto(&page).await;
+        for form in b
+            .all("//main//form[@method='post' or @method='POST']")
+            .await
+        {
+            if let Ok(Some(action)) = form.prop("action").await
+                && action.contains(domain)
+                && !actions.contains(&action)
+            {
+                actions.push(action);
+            }
+        }
+    }
+    b.check(
+        pages.len() >= 3 && actions.len() >= 2,
+        &format!("too few pages {pages:?} or forms {actions:?} of a domain to test"),
+    )
+    .await;
+    eprintln!("acme's pages {pages:?}, forms {actions:?}");
+    b.goto(&p.url("/")).await;
+    b.click("Sign out").await;
+    b.field("Hosting").await;
+
+    // As beta.
+    sign_in_as(&mut b, &p, "beta", "beta-secret-1").await;
+    b.assert_no_text(domain).await;
+    let neutral = |t: &str| t.replace(domain, "DOMAIN").replace(absent, "DOMAIN");
+    for page in &pages {
+        b.goto(page).await;
+        let other = b.text().await;
+        b.step("other-page").await;
+        b.goto(&page.replace(domain, absent)).await;
+        let none = b.text().await;
+        b.check(
+            neutral(&other) == neutral(&none),
+            &format!(
+                "{page} reads differently for another hosting's domain and for none:\n\
+                 --- acme's:\n{other}\n--- none:\n{none}"
+            ),
+        )
+        .await;
+        b.check(
+            !other.contains(&token),
+            &format!("{page} shows acme's token"),
+        )
+        .await;
+    }
+    for action in &actions {
+        let fields = [
+            ("addresses", "x@partner.example"),
+            ("address", "sales@partner.example"),
+        ];
+        b.goto(&p.url("/")).await;
+        post_from_page(&mut b, action, &fields).await;
+        let other = b.text().await;
+        b.step("other-action").await;
+        b.goto(&p.url("/")).await;
+        let fields_absent = [
+            ("addresses", "x@nosuch.example"),
+            ("address", "sales@nosuch.example"),
+        ];
+        post_from_page(&mut b, &action.replace(domain, absent), &fields_absent).await;
+        let none = b.text().await;
+        b.check(
+            neutral(&other).replace("x@DOMAIN", "") == neutral(&none).replace("x@DOMAIN", ""),
+            &format!(
+                "POST {action} reads differently for another hosting's domain and for none:\n\
+                 --- acme's:\n{other}\n--- none:\n{none}"
+            ),
+        )
+        .await;
+    }
+    // Nothing of acme's changed.
+    assert_eq!(listed_domains(&p), vec![domain.to_string()]);
+    let accounts = p
+        .relay
+        .cli_ok(&["account", "list", "--hosting", HOSTING, "--json"], "");
+    assert!(
+        accounts.contains("sales@partner.example") && !accounts.contains("x@partner.example"),
+        "another hosting changed acme's accounts: {accounts}"
+    );
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- CSRF
+
+/// A form sent with a forged CSRF token changes nothing; the same form with the page's
+/// token works.
+#[test]
+fn a_form_with_a_forged_csrf_token_changes_nothing() {
+    serial(a_form_with_a_forged_csrf_token_changes_nothing_steps());
+}
+
+async fn a_form_with_a_forged_csrf_token_changes_nothing_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("csrf", BrowserOptions::default()).await;
+    sign_in(&mut b, &p).await;
+    b.click("Add domain").await;
+    b.fill("Domain", "forged.example").await;
+    let hidden = b.all("//form//input[@type='hidden']").await.len();
+    b.check(hidden > 0, "the Add form carries no hidden token")
+        .await;
+    b.script(
+        "document.querySelectorAll('form input[type=hidden]').forEach(i => i.value = 'forged');",
+    )
+    .await;
+    let before = b.text().await;
+    b.click("Add").await;
+    b.wait_change(&before).await;
+    b.step("forged").await;
+    b.assert_no_text(&format!("{LABEL}.forged.example")).await;
+    assert!(
+        listed_domains(&p).is_empty(),
+        "a forged CSRF token added a domain"
+    );
+    add_domain(&mut b, &p, "forged.example").await;
+    assert_eq!(listed_domains(&p), vec!["forged.example".to_string()]);
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- keyboard and idle expiry
+
+/// Signing in with the keyboard only: Tab to the fields, Enter to send.
+#[test]
+fn sign_in_by_keyboard() {
+    serial(sign_in_by_keyboard_steps());
+}
+
+async fn sign_in_by_keyboard_steps() {
+    use fantoccini::key::Key;
+    let p = Panel::start();
+    let mut b = Browser::start("keyboard", BrowserOptions::default()).await;
+    b.goto(&p.url("/")).await;
+    let hosting = b.field("Hosting").await;
+    let hosting_id = hosting.element_id();
+    let mut reached = false;
+    for _ in 0..20 {
+        let body = b.client().find(fantoccini::Locator::Css("body")).await;
+        let active = b.client().active_element().await;
+        if let Ok(active) = &active
+            && active.element_id() == hosting_id
+        {
+            reached = true;
+            break;
+        }
+        let target = match active {
+            Ok(a) => a,
+            Err(_) => body.expect("body"),
+        };
+        let _ = target.send_keys(&char::from(Key::Tab).to_string()).await;
+    }
+    b.check(reached, "Tab never reaches the \"Hosting\" field")
+        .await;
+    let typed = format!("{HOSTING}{}", char::from(Key::Tab));
+    let _ = hosting.send_keys(&typed).await;
+    let password = b.field("Password").await;
+    let active = b.client().active_element().await;
+    b.check(
+        active.is_ok_and(|a| a.element_id() == password.element_id()),
+        "Tab from \"Hosting\" does not go to \"Password\"",
+    )
+    .await;
+    let _ = password
+        .send_keys(&format!("{PANEL_PASSWORD}{}", char::from(Key::Enter)))
+        .await;
+    b.wait_text("Domain authorization").await;
+    b.close().await;
+}
+
+/// A session left idle longer than panel.session_idle is gone.
+#[test]
+fn an_idle_session_expires() {
+    serial(an_idle_session_expires_steps());
+}
+
+async fn an_idle_session_expires_steps() {
+    let p = Panel::start_with(|c| {
+        c.set("panel", "session_idle", "\"2s\"");
+    });
+    let mut b = Browser::start("idle", BrowserOptions::default()).await;
+    sign_in(&mut b, &p).await;
+    // Three times the idle limit: long enough on a loaded machine.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    b.goto(&p.url("/")).await;
+    b.field("Hosting").await;
+    b.assert_no_text("Domain authorization").await;
     b.close().await;
 }
