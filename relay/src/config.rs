@@ -609,6 +609,9 @@ mod tests {
             ("[upstream]\ntls = \"maybe\"", "tls"),
             ("[upstream]\nport = 0", "upstream.port"),
             ("[limits]\nmax_line_length = 100", "limits.max_line_length"),
+            ("[panel]\nsession_idle = \"0s\"", "panel.session_idle"),
+            ("[panel]\nlisten = [\"nowhere\"]", "panel.listen"),
+            ("[panel]\ntls = \"yes\"", "panel.tls"),
             ("[server]\nhostnme = \"x\"", "hostnme"),
             ("[nonsense]\na = 1", "nonsense"),
             (
@@ -739,5 +742,16 @@ mod tests {
         let c = Config::parse("[verification]\ncheck_interval = \"1s\"\ngrace = \"72h\"").unwrap();
         assert_eq!(c.verification.check_interval.get(), Duration::from_secs(1));
         assert_eq!(c.verification.grace.get(), Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn panel_defaults_and_off() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.panel.listen, [SocketAddr::from(([127, 0, 0, 1], 8025))]);
+        assert!(!c.panel.tls);
+        assert_eq!(c.panel.session_idle.get(), Duration::from_secs(1800));
+        let off = Config::parse("[panel]\nlisten = []\ntls = true\nsession_idle = \"5m\"").unwrap();
+        assert!(off.panel.listen.is_empty() && off.panel.tls);
+        assert_eq!(off.panel.session_idle.get(), Duration::from_secs(300));
     }
 }

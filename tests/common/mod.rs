@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod faulty;
+pub mod http;
 pub mod raw;
 
 use std::{

@@ -129,6 +129,12 @@ pub fn router(state: PanelState) -> Router {
         .route("/explain", get(explain))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route".into(),
+            )
+        })
         .with_state(state)
 }
 

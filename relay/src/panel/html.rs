@@ -20,7 +20,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use domauth_store::DomainStatus;
 use serde::{Deserialize, Serialize};
-use tower_sessions::{Expiry, MemoryStore, Session, SessionManagerLayer, cookie::SameSite};
+use tower_sessions::{Expiry, Session, SessionManagerLayer, cookie::SameSite};
 
 use super::{
     PanelState,
@@ -37,7 +37,7 @@ pub fn router(state: PanelState, secure_cookie: bool, idle: Duration) -> Router 
     let idle = tower_sessions::cookie::time::Duration::seconds(
         i64::try_from(idle.as_secs()).unwrap_or(i64::MAX / 2),
     );
-    let sessions = SessionManagerLayer::new(MemoryStore::default())
+    let sessions = SessionManagerLayer::new(super::sessions::BoundedMemoryStore::default())
         .with_name("domauth_session")
         .with_http_only(true)
         .with_same_site(SameSite::Strict)

@@ -8,11 +8,13 @@
 //! - `html.rs`     the pages (templates in `relay/templates/`)
 //! - `guard.rs`    sign-in and token failure limits, password checks, CSRF
 //! - `http.rs`     security headers, static files, the (TLS) listener
+//! - `sessions.rs` the bounded in-memory session store
 
 pub mod api;
 mod guard;
 mod html;
 mod http;
+mod sessions;
 
 use std::{sync::Arc, time::Duration};
 
