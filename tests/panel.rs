@@ -1174,3 +1174,144 @@ async fn an_idle_session_expires_steps() {
     b.assert_no_text("Domain authorization").await;
     b.close().await;
 }
+
+// ---------------------------------------------------------------- hostile typed input
+
+/// What a user types comes back as text too: a domain name, an account address and a
+/// sender made of markup are refused or answered, never turned into elements.
+#[test]
+fn hostile_input_typed_in_forms_is_shown_as_text() {
+    serial(hostile_input_typed_in_forms_is_shown_as_text_steps());
+}
+
+async fn hostile_input_typed_in_forms_is_shown_as_text_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("hostile-input", BrowserOptions::default()).await;
+    let domain = "partner.example";
+    let hostile = "<img src=x onerror=alert(1)>";
+    sign_in(&mut b, &p).await;
+    add_domain(&mut b, &p, domain).await;
+    p.publish(domain, &p.token(domain));
+    p.relay
+        .cli_ok(&["domain", "verify", domain, "--hosting", HOSTING], "");
+
+    // A domain name.
+    b.goto(&p.url("/")).await;
+    b.click("Add domain").await;
+    b.fill("Domain", hostile).await;
+    let before = b.text().await;
+    b.click("Add").await;
+    b.wait_change(&before).await;
+    b.step("add-hostile").await;
+    no_markup_made(&mut b, "Add domain").await;
+
+    // An account address (the text area splits at spaces: one word of markup).
+    home_row(&mut b, &p, domain).await;
+    b.click_in_row(domain, "Accounts").await;
+    let address = "<svg/onload=alert(1)>@partner.example";
+    b.fill_textarea(address).await;
+    b.click("Save").await;
+    b.wait_text(address).await;
+    b.step("accounts-hostile").await;
+    no_markup_made(&mut b, "Accounts").await;
+
+    // A sender to check.
+    b.goto(&p.url("/")).await;
+    b.click("Check a sender").await;
+    let field = b.field("Sender").await;
+    b.fill("Mailbox", MAILBOX).await;
+    b.fill("Sender", hostile).await;
+    let before = b.text().await;
+    b.submit_form_of(&field).await;
+    b.wait_change(&before).await;
+    b.step("check-hostile").await;
+    no_markup_made(&mut b, "Check a sender").await;
+    b.close().await;
+}
+
+/// No dialog open and no element made from the hostile strings used in these tests.
+async fn no_markup_made(b: &mut Browser, page: &str) {
+    let dialog = b.dialog_text().await;
+    b.check(
+        dialog.is_none(),
+        &format!("{page}: a dialog opened: {dialog:?}"),
+    )
+    .await;
+    let made = b
+        .all("//img[@src='x' or @onerror]|//svg[@onload]|//*[local-name()='svg'][@onload]|//script[contains(., 'alert(1)')]")
+        .await
+        .len();
+    b.check(
+        made == 0,
+        &format!("{page}: typed markup became {made} element(s)"),
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------- sign-in limits
+
+/// Sign-in failures are limited like SMTP AUTH: past `limits.auth_failures` even the
+/// right password does not sign in for a while.
+#[test]
+fn sign_in_failures_are_limited() {
+    serial(sign_in_failures_are_limited_steps());
+}
+
+async fn sign_in_failures_are_limited_steps() {
+    let p = Panel::start_with(|c| {
+        c.set("limits", "auth_failures", "2")
+            .set("limits", "auth_window", "\"10m\"");
+    });
+    let mut b = Browser::start("sign-in-limit", BrowserOptions::default()).await;
+    for attempt in 0..3 {
+        b.goto(&p.url("/")).await;
+        b.fill("Hosting", HOSTING).await;
+        b.fill("Password", &format!("wrong-{attempt}")).await;
+        let before = b.text().await;
+        b.click("Sign in").await;
+        b.wait_change(&before).await;
+    }
+    b.goto(&p.url("/")).await;
+    b.fill("Hosting", HOSTING).await;
+    b.fill("Password", PANEL_PASSWORD).await;
+    let before = b.text().await;
+    b.click("Sign in").await;
+    let text = b.wait_change(&before).await;
+    b.step("limited").await;
+    b.check(
+        !text.contains("Domain authorization"),
+        "the right password signed in right after the failure limit",
+    )
+    .await;
+    b.close().await;
+}
+
+// ---------------------------------------------------------------- what users paste
+
+/// What users type and paste: an internationalised name in any case with a trailing dot
+/// (kept in its ASCII form), and the value pasted with curly quotes and spaces around it.
+#[test]
+fn pasted_and_typed_variants_are_understood() {
+    serial(pasted_and_typed_variants_are_understood_steps());
+}
+
+async fn pasted_and_typed_variants_are_understood_steps() {
+    let p = Panel::start();
+    let mut b = Browser::start("pasted", BrowserOptions::default()).await;
+    let ascii = "xn--bcher-kva.example";
+    sign_in(&mut b, &p).await;
+    b.click("Add domain").await;
+    b.fill("Domain", "Bücher.Example.").await;
+    b.click("Add").await;
+    b.wait_text(&format!("{LABEL}.{ascii}")).await;
+    b.step("idn-record").await;
+    assert_eq!(listed_domains(&p), vec![ascii.to_string()]);
+
+    let token = p.token(ascii);
+    p.publish(ascii, &format!("  \u{201c}{token}\u{201d} "));
+    let before = b.text().await;
+    b.click("Verify").await;
+    verified_outcome(&mut b, &before).await;
+    b.step("curly-quotes-verified").await;
+    b.close().await;
+}
