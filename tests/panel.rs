@@ -1315,3 +1315,81 @@ async fn pasted_and_typed_variants_are_understood_steps() {
     b.step("curly-quotes-verified").await;
     b.close().await;
 }
+
+// ---------------------------------------------------------------- badges over time
+
+/// The badges follow the background checks: a pending domain whose record never comes
+/// turns Failed (and "Verify" revives it once the record is right); a verified domain
+/// whose record disappears stays Verified with "record missing since …" until the record
+/// is back.
+#[test]
+fn status_badges_follow_the_background_checks() {
+    serial(status_badges_follow_the_background_checks_steps());
+}
+
+async fn status_badges_follow_the_background_checks_steps() {
+    let p = Panel::start_with(|c| {
+        c.set("verification", "check_interval", "\"1s\"")
+            .set("verification", "recheck_interval", "\"1s\"")
+            .set("verification", "pending_expiry", "\"3s\"")
+            .set("verification", "grace", "\"1h\"");
+    });
+    let mut b = Browser::start("badges", BrowserOptions::default()).await;
+    sign_in(&mut b, &p).await;
+
+    // Verified, then its record disappears.
+    let kept = "kept.example";
+    add_domain(&mut b, &p, kept).await;
+    let token = p.token(kept);
+    p.publish(kept, &token);
+    home_row(&mut b, &p, kept).await;
+    let before = b.text().await;
+    b.click_in_row(kept, "Verify").await;
+    verified_outcome(&mut b, &before).await;
+    p.dns.remove(&format!("{LABEL}.{kept}."));
+    let row = wait_row(&mut b, &p, kept, |r| r.contains("record missing since")).await;
+    b.check(
+        row.contains("Verified"),
+        &format!("a domain in its grace period is not Verified: {row:?}"),
+    )
+    .await;
+    b.step("record-missing").await;
+    p.publish(kept, &token);
+    wait_row(&mut b, &p, kept, |r| {
+        r.contains("Verified") && !r.contains("record missing since")
+    })
+    .await;
+
+    // Pending until it expires: Failed; "Verify" with the right record revives it.
+    let lost = "lost.example";
+    add_domain(&mut b, &p, lost).await;
+    wait_row(&mut b, &p, lost, |r| r.contains("Failed")).await;
+    b.step("failed").await;
+    p.publish(lost, &p.token(lost));
+    let before = b.text().await;
+    b.click_in_row(lost, "Verify").await;
+    verified_outcome(&mut b, &before).await;
+    let row = home_row(&mut b, &p, lost).await;
+    b.check(
+        row.contains("Verified"),
+        &format!("\"Verify\" did not revive a failed domain: {row:?}"),
+    )
+    .await;
+    b.close().await;
+}
+
+/// Reloads the home page until the domain's row satisfies `ok` (60 s at most).
+async fn wait_row(b: &mut Browser, p: &Panel, domain: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = home_row(b, p, domain).await;
+        if ok(&row) {
+            return row;
+        }
+        if Instant::now() >= deadline {
+            b.fail(&format!("the row of {domain} still reads {row:?}"))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
