@@ -597,3 +597,39 @@ fn panel_over_tls() {
         .expect("run curl");
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
 }
+
+/// SIGTERM stops the server even while a client holds a panel connection
+/// open in the middle of its request headers.
+#[test]
+fn a_slow_panel_client_does_not_hold_up_shutdown() {
+    use std::io::Write;
+    let mut env = Env::start(|_| {});
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", env.port)).expect("connect");
+    held.write_all(b"GET /signin HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a request");
+    // And one idle keep-alive connection after a complete request.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", env.port)).expect("connect");
+    idle.write_all(b"GET /signin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("a request");
+    assert_eq!(env.relay.stop(), Some(0), "{}", env.relay.log());
+}
+
+/// `panel.session_idle`: every request extends the session; one left
+/// unused longer than that is over.
+#[test]
+fn idle_sessions_expire() {
+    let env = Env::start(|c| {
+        c.set("panel", "session_idle", "\"2s\"");
+    });
+    let mut b = env.signed_in("acme");
+    let r = b.get("/");
+    assert_eq!(r.status, 200);
+    let set = r.headers_named("set-cookie").join("\n");
+    assert!(
+        set.contains("Max-Age=2"),
+        "each request renews the cookie: {set}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let r = b.get("/");
+    assert_eq!((r.status, r.header("location")), (303, Some("/signin")));
+}

@@ -42,7 +42,9 @@ pub fn router(state: PanelState, secure_cookie: bool, idle: Duration) -> Router 
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
         .with_secure(secure_cookie)
-        .with_expiry(Expiry::OnInactivity(idle));
+        .with_expiry(Expiry::OnInactivity(idle))
+        // Idle expiry slides with every request, not only with changes.
+        .with_always_save(true);
     Router::new()
         .route("/", get(home))
         .route("/signin", get(signin_page).post(signin))
@@ -309,19 +311,12 @@ fn forbidden(nav: Nav) -> Response {
 
 fn op_error(nav: Nav, e: OpError) -> Response {
     match e {
-        OpError::NotFound(_) => {
-            let mut r = not_found();
-            // Keep the signed-in navigation.
-            if nav.hosting.is_some() {
-                r = message(
-                    StatusCode::NOT_FOUND,
-                    nav,
-                    "Not found",
-                    "There is no such page or domain.",
-                );
-            }
-            r
-        }
+        OpError::NotFound(_) => message(
+            StatusCode::NOT_FOUND,
+            nav,
+            "Not found",
+            "There is no such page or domain.",
+        ),
         OpError::Internal(m) => {
             tracing::error!(error = %crate::logsafe::Escaped(&m), "panel operation failed");
             message(

@@ -2,7 +2,7 @@
 //! stylesheet and script compiled into the binary, and the listener (plain
 //! HTTP, or HTTPS with the `[tls]` pair when `panel.tls = true`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{future::IntoFuture, net::SocketAddr, time::Duration};
 
 use axum::{
     Router,
@@ -76,6 +76,9 @@ pub fn static_files() -> Router {
         )
 }
 
+/// How long open panel requests may go on after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves one listener until shutdown.
 pub async fn run(
     listener: TcpListener,
@@ -85,13 +88,26 @@ pub async fn run(
 ) {
     let Some(tls) = tls else {
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(listener, service)
+        let mut stop = shutdown.clone();
+        let serve = axum::serve(listener, service)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.changed().await;
             })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "panel stopped");
+            .into_future();
+        // Requests in progress may finish, for a short while: a client that
+        // holds a connection open must not hold up the server's shutdown.
+        tokio::select! {
+            result = serve => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "panel stopped");
+                }
+            }
+            _ = async {
+                let _ = stop.changed().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("panel connections still open at shutdown; closing them");
+            }
         }
         return;
     };
@@ -128,7 +144,7 @@ pub async fn run(
                 _ = conn.as_mut() => {}
                 _ = shutdown.changed() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
                 }
             }
         });
