@@ -457,6 +457,23 @@ async fn seed_workflow_in_the_browser_steps() {
     )
     .await;
 
+    // Accounts of a domain not verified yet are refused, and say why.
+    b.click_in_row(domain, "Accounts").await;
+    b.fill_textarea("early@partner.example").await;
+    b.click("Save").await;
+    let text = b.wait_text("refused").await;
+    b.check(
+        says(
+            &text,
+            "early@partner.example",
+            &["not verified", "pending verification"],
+        ),
+        "an account of a pending domain is not refused as \"domain not verified\"",
+    )
+    .await;
+    b.step("accounts-pending").await;
+    home_row(&mut b, &p, domain).await;
+
     // A record with another value: mismatch, showing what was found.
     p.publish(domain, "wrong-value-123");
     b.click_in_row(domain, "Verify").await;
