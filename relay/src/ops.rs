@@ -317,6 +317,12 @@ impl Ops {
         })
     }
 
+    /// The hosting's panel password hash (Argon2id PHC), if the hosting
+    /// exists and has one. The caller verifies it off the runtime.
+    pub fn hosting_password_hash(&self, hosting: &str) -> OpResult<Option<String>> {
+        Ok(self.store.hosting(hosting)?.and_then(|h| h.password_hash))
+    }
+
     /// The hosting's mailboxes (their addresses), for "Check a sender".
     pub fn mailboxes(&self, hosting: &str) -> OpResult<Vec<String>> {
         Ok(self

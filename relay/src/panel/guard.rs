@@ -10,12 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use domauth_store::Store;
 use subtle::ConstantTimeEq;
 
 use crate::{
     logsafe::Escaped,
-    ops::random_hex,
+    ops::{Ops, random_hex},
     smtp::auth::{FailureCounter, hash_password, verify_password},
 };
 
@@ -27,7 +26,6 @@ pub enum SignIn {
 }
 
 pub struct Guard {
-    store: Store,
     by_ip: Mutex<FailureCounter>,
     by_name: Mutex<FailureCounter>,
     tokens_by_ip: Mutex<FailureCounter>,
@@ -43,9 +41,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Guard {
-    pub fn new(failures: u32, window: Duration, store: Store) -> Result<Guard, String> {
+    pub fn new(failures: u32, window: Duration) -> Result<Guard, String> {
         Ok(Guard {
-            store,
             by_ip: Mutex::new(FailureCounter::new(failures, window)),
             by_name: Mutex::new(FailureCounter::new(failures, window)),
             tokens_by_ip: Mutex::new(FailureCounter::new(failures, window)),
@@ -59,7 +56,7 @@ impl Guard {
     /// Checks a hosting's panel password. Past the failure limit of the IP
     /// or of the name, even the right password is refused until the window
     /// passes.
-    pub async fn sign_in(&self, ip: IpAddr, name: &str, password: &str) -> SignIn {
+    pub async fn sign_in(&self, ops: &Ops, ip: IpAddr, name: &str, password: &str) -> SignIn {
         let name = name.trim().to_lowercase();
         let ip_key = ip.to_string();
         let now = Instant::now();
@@ -67,9 +64,8 @@ impl Guard {
             tracing::warn!(event = "panel_signin_limited", peer = %ip, hosting = %Escaped(&name), "panel sign-in refused: too many failures");
             return SignIn::Limited;
         }
-        let phc = match self.store.hosting(&name) {
-            Ok(Some(h)) => h.password_hash,
-            Ok(None) => None,
+        let phc = match ops.hosting_password_hash(&name) {
+            Ok(phc) => phc,
             Err(e) => {
                 tracing::error!(error = %Escaped(&e.to_string()), "store error during panel sign-in");
                 return SignIn::Failed;

@@ -380,7 +380,11 @@ async fn signin(
     if !csrf_ok(Some(&csrf), &f.csrf) {
         return forbidden(nav);
     }
-    let (status, error) = match s.guard.sign_in(peer.ip(), &f.hosting, &f.password).await {
+    let (status, error) = match s
+        .guard
+        .sign_in(&s.ops, peer.ip(), &f.hosting, &f.password)
+        .await
+    {
         SignIn::Ok(hosting) => {
             // A new session id at sign-in: a planted cookie is worth nothing.
             if session.cycle_id().await.is_err()

@@ -53,7 +53,7 @@ pub async fn serve(
         return Ok(Vec::new());
     }
     let l = &config.limits;
-    let guard = Guard::new(l.auth_failures, l.auth_window.get(), ops.store.clone())?;
+    let guard = Guard::new(l.auth_failures, l.auth_window.get())?;
     let state = PanelState {
         ops,
         guard: Arc::new(guard),
