@@ -445,6 +445,21 @@ async fn seed_workflow_in_the_browser_steps() {
     )
     .await;
 
+    // "Copy" puts the value beside it on the clipboard (the page's call to the clipboard
+    // API is recorded: headless Chromium has no clipboard to read back).
+    b.script(
+        "window.copied = [];
+         navigator.clipboard.writeText = t => { window.copied.push(t); return Promise.resolve(); };",
+    )
+    .await;
+    b.click_in(&token, "Copy").await;
+    let copied = b.script("return window.copied;").await;
+    b.check(
+        copied == serde_json::json!([token]),
+        &format!("\"Copy\" beside the value copied {copied}"),
+    )
+    .await;
+
     // Verify before publishing: not found, still pending.
     b.click("Verify").await;
     b.wait_text_any(&["not found", "does not exist", "no txt"])
