@@ -22,6 +22,10 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub deliverability: DeliverabilityConfig,
+    pub metrics: MetricsConfig,
     pub panel: PanelConfig,
 }
 
@@ -146,6 +150,9 @@ impl UpstreamConfig {
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     pub timeout: Dur,
+    /// With `nameservers` empty: the file whose nameservers find the zone's authoritative
+    /// servers (README; tests point it at a DNS server of their own).
+    pub resolv_conf: PathBuf,
 }
 
 impl Default for DnsConfig {
@@ -153,6 +160,26 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Dur::secs(5),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+/// SPEC §9: signing of authorized domains' mail and SPF advice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverabilityConfig {
+    /// Sign mail of authorized domains whose DKIM record is verified.
+    pub dkim: bool,
+    /// The SPF include that covers the relay (`_spf.hosting.example`); empty: no advice.
+    pub spf_include: String,
+}
+
+impl Default for DeliverabilityConfig {
+    fn default() -> Self {
+        DeliverabilityConfig {
+            dkim: true,
+            spf_include: String::new(),
         }
     }
 }
@@ -241,6 +268,73 @@ impl Default for LimitsConfig {
             auth_failures: 5,
             auth_window: Dur::secs(600),
             auth_failure_delay: Dur(Duration::from_millis(1000)),
+        }
+    }
+}
+
+/// `[log]` (SPEC §10): `format = "text"` (one readable line an event) or
+/// `"json"` (one JSON object a line, for journald / Loki).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where mailbox passwords come from (SPEC §10).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthBackend {
+    /// Mailboxes added with `domauth mailbox add` (the sled store).
+    Store,
+    /// A running Dovecot, over its authentication client socket.
+    Dovecot,
+    /// A Dovecot passwd-file read directly.
+    PasswdFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub backend: AuthBackend,
+    /// Dovecot's auth client socket (`backend = "dovecot"`).
+    pub socket: PathBuf,
+    /// The passwd-file (`backend = "passwd-file"`).
+    pub path: Option<PathBuf>,
+    /// How long one answer from Dovecot may take: Dovecot delays failures by
+    /// seconds per client IP, so keep it well above its `auth_failure_delay`.
+    pub timeout: Dur,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            backend: AuthBackend::Store,
+            socket: "/run/dovecot/auth-client".into(),
+            path: None,
+            timeout: Dur::secs(15),
+        }
+    }
+}
+
+/// `[metrics]` (SPEC §10): where `GET /metrics` is served; empty: nowhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9025))],
         }
     }
 }
@@ -395,6 +489,15 @@ impl Config {
             positive(key, d)?;
         }
         positive("dns.timeout", self.dns.timeout)?;
+        if self.dns.resolv_conf.as_os_str().is_empty() {
+            return Err("dns.resolv_conf: must be a path".into());
+        }
+        let include = &self.deliverability.spf_include;
+        if !include.is_empty() && !crate::dns_advice::is_spf_domain(include) {
+            return Err(format!(
+                "deliverability.spf_include: {include:?} is not a domain name"
+            ));
+        }
         let v = &self.verification;
         let label_ok = !v.record_label.is_empty()
             && v.record_label.len() <= 63
@@ -435,6 +538,16 @@ impl Config {
             return Err("limits.auth_failures: must be at least 1".into());
         }
         positive("limits.auth_window", l.auth_window)?;
+        let a = &self.auth;
+        if a.backend == AuthBackend::Dovecot && a.socket.as_os_str().is_empty() {
+            return Err("auth.socket: must be a path with backend = \"dovecot\"".into());
+        }
+        if a.backend == AuthBackend::PasswdFile
+            && a.path.as_ref().is_none_or(|p| p.as_os_str().is_empty())
+        {
+            return Err("auth.path: a passwd-file is needed with backend = \"passwd-file\"".into());
+        }
+        positive("auth.timeout", a.timeout)?;
         self.panel.validate()?;
         Ok(())
     }
@@ -513,6 +626,7 @@ impl Config {
             l.auth_failure_delay,
             max::AUTH_FAILURE_DELAY,
         )?;
+        at_most("auth.timeout", self.auth.timeout, max::TIMEOUT)?;
         Ok(())
     }
 
@@ -594,6 +708,25 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_defaults_to_loopback_and_may_be_empty() {
+        let c = Config::parse("").expect("defaults are valid");
+        assert_eq!(c.metrics.listen, [SocketAddr::from(([127, 0, 0, 1], 9025))]);
+        let off = Config::parse("[metrics]\nlisten = []").expect("empty list: off");
+        assert!(off.metrics.listen.is_empty());
+        let two = Config::parse("[metrics]\nlisten = [\"127.0.0.1:9100\", \"[::1]:9100\"]")
+            .expect("two addresses");
+        assert_eq!(two.metrics.listen.len(), 2);
+        for bad in [
+            "[metrics]\nlisten = [\"nope\"]",
+            "[metrics]\nlisten = \"127.0.0.1:9025\"",
+            "[metrics]\nport = 1",
+        ] {
+            let err = Config::parse(bad).expect_err(bad);
+            assert!(err.starts_with("metrics."), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn the_repository_config_parses() {
         let text = include_str!("../../config.toml");
         Config::parse(text).expect("config.toml is valid");
@@ -619,6 +752,16 @@ mod tests {
                 "verification.record_label",
             ),
             ("[upstream]\nusername = \"u\"", "upstream.username"),
+            (
+                "[deliverability]\nspf_include = \"a..b\"",
+                "deliverability.spf_include",
+            ),
+            ("[deliverability]\ndkim = \"yes\"", "dkim"),
+            (
+                "[deliverability]\nspf_include = \"not a name\"",
+                "deliverability.spf_include",
+            ),
+            ("[dns]\nresolv_conf = \"\"", "dns.resolv_conf"),
             // A TOML syntax error has no key: it names the line instead.
             ("[server\n", "line 1: "),
             // Found by fuzz/config: the key path carried the raw newline.
@@ -742,6 +885,48 @@ mod tests {
         let c = Config::parse("[verification]\ncheck_interval = \"1s\"\ngrace = \"72h\"").unwrap();
         assert_eq!(c.verification.check_interval.get(), Duration::from_secs(1));
         assert_eq!(c.verification.grace.get(), Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn log_format_and_the_packaged_config() {
+        assert_eq!(Config::parse("").unwrap().log.format, LogFormat::Text);
+        let c = Config::parse("[log]\nformat = \"json\"").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::parse("[log]\nformat = \"xml\"").expect_err("unknown format");
+        assert!(err.starts_with("log.format: "), "{err}");
+        // What the .deb installs as /etc/domauth/config.toml.
+        let deb = Config::parse(include_str!("../../dist/config.toml")).expect("dist/config.toml");
+        assert_eq!(deb.server.data_dir, Path::new("/var/lib/domauth"));
+        assert!(!deb.tls.self_signed);
+    }
+
+    #[test]
+    fn auth_backend_keys() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.auth.backend, AuthBackend::Store);
+        assert_eq!(c.auth.socket, PathBuf::from("/run/dovecot/auth-client"));
+        assert_eq!(c.auth.timeout.get(), Duration::from_secs(15));
+        let c =
+            Config::parse("[auth]\nbackend = \"dovecot\"\nsocket = \"/tmp/a\"").expect("dovecot");
+        assert_eq!(c.auth.backend, AuthBackend::Dovecot);
+        let c = Config::parse("[auth]\nbackend = \"passwd-file\"\npath = \"/etc/users\"")
+            .expect("passwd-file");
+        assert_eq!(c.auth.path, Some(PathBuf::from("/etc/users")));
+        for (text, key) in [
+            ("[auth]\nbackend = \"ldap\"", "auth.backend"),
+            ("[auth]\nbackend = \"passwd-file\"", "auth.path"),
+            (
+                "[auth]\nbackend = \"dovecot\"\nsocket = \"\"",
+                "auth.socket",
+            ),
+            ("[auth]\ntimeout = \"0s\"", "auth.timeout"),
+            ("[auth]\ntimeout = \"3d\"", "auth.timeout"),
+            ("[auth]\nsockett = \"/x\"", "sockett"),
+        ] {
+            let err = Config::parse(text).expect_err(text);
+            assert!(err.contains(key), "{text:?}: {err:?} should name {key:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+        }
     }
 
     #[test]

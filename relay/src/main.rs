@@ -1,7 +1,7 @@
 //! `domauth`: the SMTP submission relay (`serve`) and its management CLI,
 //! which talks to the running server over the admin socket.
 
-use domauth::{admin, config, server};
+use domauth::{admin, config, server, tls};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -30,6 +30,9 @@ struct Cli {
 enum Cmd {
     /// Run the relay.
     Serve,
+    /// Validate the configuration and that the TLS certificate and key load
+    /// and match, without starting anything; exit 0, or 1 with one line.
+    CheckConfig,
     /// Hostings (tenants) and their own domains.
     #[command(subcommand)]
     Hosting(HostingCmd),
@@ -128,15 +131,26 @@ enum DomainCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Make a new DKIM selector pair; the old one signs until the new records are verified.
+    #[command(name = "dkim-rotate")]
+    DkimRotate {
+        domain: String,
+        #[arg(long)]
+        hosting: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum AccountCmd {
+    /// `'*@DOMAIN'` grants every address of the domain.
     Add {
         #[arg(required = true)]
         addresses: Vec<String>,
         #[arg(long)]
         hosting: String,
+        /// Only this mailbox of the hosting may use the account (repeatable).
+        #[arg(long = "mailbox")]
+        mailboxes: Vec<String>,
     },
     List {
         #[arg(long)]
@@ -161,7 +175,8 @@ enum QueueCmd {
 
 fn admin_command(cmd: Cmd) -> Option<Admin> {
     Some(match cmd {
-        Cmd::Serve => return None,
+        // `check-config` never gets here: `main` answers it first.
+        Cmd::Serve | Cmd::CheckConfig => return None,
         Cmd::Hosting(c) => match c {
             HostingCmd::Add { name, domains } => Admin::HostingAdd { name, domains },
             HostingCmd::List => Admin::HostingList,
@@ -188,9 +203,20 @@ fn admin_command(cmd: Cmd) -> Option<Admin> {
                 hosting,
                 yes,
             },
+            DomainCmd::DkimRotate { domain, hosting } => {
+                Admin::DomainDkimRotate { domain, hosting }
+            }
         },
         Cmd::Account(c) => match c {
-            AccountCmd::Add { addresses, hosting } => Admin::AccountAdd { addresses, hosting },
+            AccountCmd::Add {
+                addresses,
+                hosting,
+                mailboxes,
+            } => Admin::AccountAdd {
+                addresses,
+                hosting,
+                mailboxes,
+            },
             AccountCmd::List { hosting, domain } => Admin::AccountList { hosting, domain },
             AccountCmd::Delete { address, hosting } => Admin::AccountDelete { address, hosting },
         },
@@ -223,14 +249,24 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Cmd::CheckConfig = cli.command {
+        return check_config(&cli.config, &config);
+    }
     let Some(command) = admin_command(cli.command) else {
-        init_logging();
+        let log_format = config.log.format;
+        init_logging(log_format);
         bound_malloc_retention();
         return match runtime.block_on(server::run(config)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                // One line on stderr (where the log goes too), nothing else.
-                eprintln!("domauth: {e}");
+                // One line on stderr (where the log goes too), nothing else;
+                // in the log's own format, so a JSON reader parses it too.
+                match log_format {
+                    config::LogFormat::Text => eprintln!("domauth: {e}"),
+                    config::LogFormat::Json => {
+                        tracing::error!(event = "fatal", error = %e, "domauth: {e}")
+                    }
+                }
                 ExitCode::from(1)
             }
         };
@@ -273,14 +309,36 @@ fn bound_malloc_retention() {
 }
 
 /// One line per event on stderr (journald adds the timestamp under
-/// systemd); `RUST_LOG` adjusts the level, default `info`.
-fn init_logging() {
+/// systemd); `RUST_LOG` adjusts the level, default `info`. `[log] format =
+/// "json"`: one JSON object a line, the event's fields at the top level.
+fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// `domauth check-config`: the file parsed and validated already (else
+/// `main` printed its one line); the TLS pair and the upstream password
+/// file must load too. Nothing is created, bound or started.
+fn check_config(path: &std::path::Path, config: &config::Config) -> ExitCode {
+    let checked = tls::check(&config.tls).and_then(|()| config.upstream_password().map(|_| ()));
+    match checked {
+        Ok(()) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("domauth: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
 }

@@ -20,9 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    logsafe::Escaped,
-    policy::{self, Decision},
-    verify::Verifier,
+    logsafe::Escaped, passwords::Backend, policy::Decision, verify::Verifier,
     verify_dns::CheckOutcome,
 };
 
@@ -107,6 +105,8 @@ impl AccountOutcome {
 pub struct Ops {
     pub store: Store,
     pub verifier: Arc<Verifier>,
+    /// Where passwords come from: `explain` finds a login's hosting by it.
+    pub passwords: Backend,
 }
 
 /// RFC 3339 in seconds, UTC, or null.
@@ -119,7 +119,7 @@ impl DomainView {
     /// The domain object of SPEC §6 (`--json`, the API).
     pub fn to_json(&self) -> Value {
         let d = &self.domain;
-        json!({
+        let mut v = json!({
             "domain": d.domain,
             "hosting": d.hosting,
             "status": d.status.to_string(),
@@ -135,7 +135,10 @@ impl DomainView {
             "created_at": ts(Some(d.created_at)),
             "verified_at": ts(d.verified_at),
             "accounts": self.accounts,
-        })
+        });
+        // Which servers answered what, and the SPF/DMARC advice (as `domain show --json`).
+        crate::admin::dns_report::add_json(&mut v, d);
+        v
     }
 }
 
@@ -159,8 +162,12 @@ fn not_a_domain(hosting: &str, domain: &str) -> OpError {
 }
 
 impl Ops {
-    pub fn new(store: Store, verifier: Arc<Verifier>) -> Ops {
-        Ops { store, verifier }
+    pub fn new(store: Store, verifier: Arc<Verifier>, passwords: Backend) -> Ops {
+        Ops {
+            store,
+            verifier,
+            passwords,
+        }
     }
 
     fn view(&self, d: AuthorizedDomain) -> OpResult<DomainView> {
@@ -192,6 +199,8 @@ impl Ops {
     pub fn add_domain(&self, hosting: &str, domain: &str) -> OpResult<DomainView> {
         let token = crate::verify::new_token().map_err(OpError::Internal)?;
         let d = self.store.add_domain(hosting, domain, &token)?;
+        self.verifier.track(&d);
+        crate::metrics::domain_status(None, Some(d.status));
         tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "domain added");
         self.view(d)
     }
@@ -224,6 +233,7 @@ impl Ops {
     /// Deletes the domain with its accounts; returns how many accounts went.
     pub fn delete_domain(&self, hosting: &str, domain: &str) -> OpResult<usize> {
         let domain = Self::domain_key(domain)?;
+        let status = self.store.domain(hosting, &domain)?.map(|d| d.status);
         let accounts = self
             .store
             .delete_domain(hosting, &domain)
@@ -231,6 +241,7 @@ impl Ops {
                 StoreError::NotFound(_) => not_a_domain(hosting, &domain),
                 other => other.into(),
             })?;
+        crate::metrics::domain_status(status, None);
         tracing::info!(event = "domain_deleted", hosting = %Escaped(hosting), domain = %Escaped(&domain), accounts, "domain deleted");
         Ok(accounts)
     }
@@ -335,7 +346,7 @@ impl Ops {
 
     /// `domauth explain` for the operator: any login.
     pub fn explain(&self, login: &str, sender: &str) -> Decision {
-        policy::explain(&self.store, login, sender)
+        crate::passwords::explain(&self.passwords, &self.store, login, sender)
     }
 
     /// The sender decision as one hosting may see it: only its own
@@ -347,10 +358,16 @@ impl Ops {
             reason,
         };
         let Ok(address) = normalize_address(login) else {
-            return policy::explain(&self.store, login, sender);
+            return self.explain(login, sender);
         };
-        match self.store.mailbox(&address) {
-            Ok(Some(m)) if m.hosting == hosting => {}
+        // The login's hosting: its mailbox's, or with an outside password
+        // backend the owner of its domain.
+        let owner = match &self.passwords {
+            Backend::Store => self.store.mailbox(&address).map(|m| m.map(|m| m.hosting)),
+            _ => self.store.hosting_of_domain(domain_of(&address)),
+        };
+        match owner {
+            Ok(Some(h)) if h == hosting => {}
             Ok(_) => {
                 return refuse(format!(
                     "unknown login {address}: no such mailbox of hosting {hosting}"
@@ -358,7 +375,7 @@ impl Ops {
             }
             Err(e) => return refuse(format!("store error: {e}")),
         }
-        let d = policy::explain(&self.store, &address, sender);
+        let d = self.explain(&address, sender);
         if d.reason.contains("another hosting") {
             let sender = normalize_address(sender).unwrap_or_else(|_| sender.to_string());
             return refuse(format!(
@@ -440,6 +457,142 @@ mod tests {
             ]
         );
         assert!(split_addresses(" \n , ").is_empty());
+    }
+
+    fn ops() -> (tempfile::TempDir, Ops) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let dns = crate::verify_dns::DnsChecker::new(
+            &["127.0.0.1:9".parse().expect("addr")],
+            std::time::Duration::from_secs(1),
+        )
+        .expect("dns");
+        let verifier = Verifier::new(store.clone(), dns, Default::default());
+        for (h, d) in [("acme", "acme.test"), ("beta", "beta.test")] {
+            store.add_hosting(h, &[d.to_string()]).expect("hosting");
+            store
+                .add_mailbox(&format!("info@{d}"), "$argon2id$x")
+                .expect("mailbox");
+        }
+        (dir, Ops::new(store, verifier, Backend::Store))
+    }
+
+    fn verify_now(ops: &Ops, hosting: &str, domain: &str) {
+        ops.store
+            .update_domain(hosting, domain, |d| {
+                d.status = domauth_store::DomainStatus::Verified
+            })
+            .expect("update");
+    }
+
+    #[test]
+    fn tokens_issue_check_revoke() {
+        let (_dir, ops) = ops();
+        let t = ops.issue_token("acme").unwrap();
+        assert!(t.starts_with("dat_") && t.len() >= 4 + 16 + 1 + 64, "{t}");
+        assert_eq!(ops.hosting_of_token(&t).unwrap().as_deref(), Some("acme"));
+        let tampered = format!("{}0", &t[..t.len() - 1]);
+        for bad in [
+            tampered.as_str(),
+            "",
+            "dat_",
+            "dat__",
+            "dat_zz_00",
+            &t[4..],
+            &t.replace("dat_", "dat_x"),
+        ] {
+            assert_eq!(ops.hosting_of_token(bad).unwrap(), None, "{bad:?}");
+        }
+        assert!(matches!(
+            ops.issue_token("nobody"),
+            Err(OpError::NotFound(_))
+        ));
+        assert_eq!(ops.revoke_tokens("acme").unwrap(), 1);
+        assert_eq!(ops.hosting_of_token(&t).unwrap(), None);
+    }
+
+    #[test]
+    fn accounts_per_address_within_one_domain() {
+        let (_dir, ops) = ops();
+        ops.add_domain("acme", "partner.example").unwrap();
+        let pending = ops
+            .add_accounts_to("acme", "partner.example", &["a@partner.example".into()])
+            .unwrap();
+        assert!(matches!(&pending[0].1, AccountOutcome::Refused(w) if w.contains("pending")));
+        verify_now(&ops, "acme", "partner.example");
+        let input: Vec<String> = [
+            "A@Partner.Example",
+            "a@partner.example",
+            "x@other.example",
+            "bad",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = ops
+            .add_accounts_to("acme", "partner.example", &input)
+            .unwrap();
+        let words: Vec<(&str, &str)> = out.iter().map(|(a, o)| (a.as_str(), o.word())).collect();
+        assert_eq!(
+            words,
+            [
+                ("a@partner.example", "added"),
+                ("x@other.example", "refused"),
+                ("bad", "refused"),
+            ]
+        );
+        let again = ops
+            .add_accounts_to("acme", "partner.example", &["a@partner.example".into()])
+            .unwrap();
+        assert_eq!(again[0].1, AccountOutcome::AlreadyListed);
+        // Another hosting's domain is not found, exactly like none.
+        for d in ["partner.example", "ghost.example"] {
+            assert!(matches!(ops.domain("beta", d), Err(OpError::NotFound(_))));
+            assert!(matches!(
+                ops.add_accounts_to("beta", d, &input),
+                Err(OpError::NotFound(_))
+            ));
+            assert!(matches!(
+                ops.delete_account_of("beta", d, "a@partner.example"),
+                Err(OpError::NotFound(_))
+            ));
+            assert!(matches!(
+                ops.delete_domain("beta", d),
+                Err(OpError::NotFound(_))
+            ));
+        }
+        assert!(matches!(
+            ops.delete_account_of("acme", "partner.example", "info@acme.test"),
+            Err(OpError::NotFound(_))
+        ));
+        ops.delete_account_of("acme", "partner.example", "A@partner.example")
+            .unwrap();
+        assert_eq!(ops.domain("acme", "partner.example").unwrap().accounts, 0);
+    }
+
+    #[test]
+    fn explain_for_one_hosting_says_nothing_of_the_others() {
+        let (_dir, ops) = ops();
+        ops.add_domain("beta", "partner.example").unwrap();
+        verify_now(&ops, "beta", "partner.example");
+        ops.add_account("beta", "sales@partner.example").unwrap();
+        // The operator hears the truth...
+        let d = ops.explain("info@acme.test", "sales@partner.example");
+        assert!(d.reason.contains("another hosting"), "{}", d.reason);
+        // ...acme hears only about itself.
+        let d = ops.explain_for("acme", "info@acme.test", "sales@partner.example");
+        assert!(!d.allowed);
+        assert!(!d.reason.contains("another"), "{}", d.reason);
+        let foreign = ops.explain_for("acme", "info@beta.test", "sales@partner.example");
+        let unknown = ops.explain_for("acme", "nobody@acme.test", "sales@partner.example");
+        assert!(!foreign.allowed && !unknown.allowed);
+        assert_eq!(
+            foreign.reason.replace("info@beta.test", "X"),
+            unknown.reason.replace("nobody@acme.test", "X")
+        );
+        assert!(
+            ops.explain_for("beta", "info@beta.test", "sales@partner.example")
+                .allowed
+        );
     }
 
     #[test]

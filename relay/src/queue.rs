@@ -26,8 +26,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use domauth_store::{
-    DeliveryState, Envelope, MessageReader, Queue, QueuedMessage, QueuedSummary, RecipientStatus,
-    StoreError,
+    DeliveryState, DsnRet, Envelope, MessageReader, Queue, QueueRecipient, QueuedMessage,
+    QueuedSummary, RecipientStatus, StoreError,
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -35,8 +35,9 @@ use tokio::{
 };
 
 use crate::{
-    bounce::{self, FailedRecipient},
+    bounce::{self, DsnAction, FailedRecipient, Returned},
     cleanup::header_block,
+    dsn,
     logsafe::Escaped,
     spool::{MAX_HEADER, Spool, new_queue_id},
     upstream::{Attempt, Connection, RcptResult, Upstream},
@@ -279,6 +280,8 @@ struct Schedule {
     /// when it was accepted (parked messages still expire).
     entries: HashMap<String, Entry>,
     parked: HashSet<String>,
+    /// When each message was accepted: the oldest, for the queue-age metric.
+    accepted: crate::metrics::AcceptedTimes,
     /// Deferred because upstream could not be reached, before it was declared dead:
     /// due at once when it comes back, like the parked ones.
     unreachable: HashSet<String>,
@@ -292,6 +295,7 @@ struct Entry {
 impl Schedule {
     fn insert(&mut self, id: String, received_at: DateTime<Utc>, at: Instant) {
         self.remove(&id);
+        self.accepted.add(received_at);
         self.due.insert((at, id.clone()));
         self.entries.insert(
             id,
@@ -306,6 +310,7 @@ impl Schedule {
         self.parked.remove(id);
         self.unreachable.remove(id);
         let entry = self.entries.remove(id)?;
+        self.accepted.remove(entry.received_at);
         if let Some(at) = entry.at {
             self.due.remove(&(at, id.to_string()));
         }
@@ -329,6 +334,7 @@ impl Schedule {
 
     fn park(&mut self, id: String, received_at: DateTime<Utc>) {
         self.remove(&id);
+        self.accepted.add(received_at);
         self.entries.insert(
             id.clone(),
             Entry {
@@ -442,6 +448,7 @@ async fn dispatcher(
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut again: HashSet<String> = HashSet::new();
     loop {
+        crate::metrics::queue(schedule.entries.len(), schedule.accepted.oldest());
         // Hand out work while workers are free.
         while free > 0 {
             let now = Instant::now();
@@ -704,6 +711,7 @@ async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connecti
             .filter(|r| r.status == RecipientStatus::Pending)
         {
             r.status = RecipientStatus::Failed;
+            crate::metrics::delivery_expired();
             // RFC 3463 5.4.7: delivery time expired.
             r.last_reply = Some(format!(
                 "554 5.4.7 Delivery time expired: the message was {} in the queue; last error: {why}",
@@ -716,7 +724,7 @@ async fn deliver(shared: &Shared, id: &str, job: Job, conn: &mut Option<Connecti
     let bounced = bounce_new_failures(shared, &mut msg).await;
 
     let settled = msg.state.recipients.iter().all(|r| {
-        r.status != RecipientStatus::Pending && (r.status != RecipientStatus::Failed || r.bounced)
+        r.status != RecipientStatus::Pending && (r.bounced || !owes_notice(&msg.envelope, r))
     });
     if settled {
         forget_unsaved(shared, id);
@@ -774,12 +782,16 @@ async fn attempt(
         .iter()
         .map(|&i| msg.state.recipients[i].address.clone())
         .collect();
+    let mut upstream_dsn = false;
     let (results, contact) = match shared
         .upstream
         .send(conn, &msg.envelope, &addresses, reader)
         .await
     {
-        Attempt::Replied(results) => (results, Contact::Reached),
+        Attempt::Replied { results, dsn } => {
+            upstream_dsn = dsn;
+            (results, Contact::Reached)
+        }
         Attempt::Unreachable(e) => (
             vec![RcptResult::Deferred(e); addresses.len()],
             Contact::Unreachable,
@@ -811,6 +823,10 @@ async fn attempt(
             upstream = %shared.upstream.describe(),
             "delivery attempt"
         );
+        if status == RecipientStatus::Delivered {
+            r.relayed = !upstream_dsn;
+        }
+        crate::metrics::delivery_attempt(&status, contact == Contact::Unreachable);
         r.status = status;
         r.last_reply = Some(text);
     }
@@ -863,48 +879,104 @@ fn forget_unsaved(shared: &Shared, id: &str) {
     lock(&shared.unsaved).remove(id);
 }
 
-/// Queues one DSN for the failed recipients not bounced yet, and marks them
-/// bounced. None for a null sender, and never for a bounce (RFC 5321
-/// §4.5.5). The DSN is durable before the mark is written: a crash in
-/// between repeats the DSN, it never loses it. `Err`: the DSN could not be
-/// queued (a full disk); the recipients stay unmarked and it is tried again.
+/// Whether the relay owes the sender a DSN for this settled recipient (sent or not yet):
+/// a failure, unless NOTIFY said otherwise; a success accepted by a smarthost without
+/// DSN, when NOTIFY=SUCCESS asked for it (RFC 3461 §4.1). Never for a null sender or a
+/// bounce (RFC 5321 §4.5.5); that is decided where the DSN is written.
+fn owes_notice(envelope: &Envelope, r: &QueueRecipient) -> bool {
+    match r.status {
+        RecipientStatus::Pending => false,
+        RecipientStatus::Failed => true,
+        RecipientStatus::Delivered => {
+            r.relayed && dsn::wants_success(envelope.dsn.notify(&r.address))
+        }
+    }
+}
+
+/// Largest message a `RET=FULL` bounce returns whole; a larger one returns its headers
+/// (RFC 3462 allows that; Postfix's `bounce_size_limit` does the same).
+const RET_FULL_LIMIT: u64 = 1024 * 1024;
+
+/// Queues one DSN for the recipients whose notice is owed and not sent yet (failures
+/// and, with NOTIFY=SUCCESS to a smarthost without DSN, "relayed" notices), and marks
+/// them. None for a null sender, never for a bounce (RFC 5321 §4.5.5), and none for a
+/// failed recipient whose NOTIFY excludes FAILURE (NEVER). The DSN is durable before
+/// the mark is written: a crash in between repeats the DSN, it never loses it. `Err`:
+/// the DSN could not be queued (a full disk); the recipients stay unmarked and it is
+/// tried again.
 async fn bounce_new_failures(shared: &Shared, msg: &mut QueuedMessage) -> Result<(), ()> {
     let fresh: Vec<usize> = msg
         .state
         .recipients
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.status == RecipientStatus::Failed && !r.bounced)
+        .filter(|(_, r)| !r.bounced && owes_notice(&msg.envelope, r))
         .map(|(i, _)| i)
         .collect();
     if fresh.is_empty() {
         return Ok(());
     }
     let original = &msg.envelope;
+    let wanted: Vec<usize> = fresh
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let r = &msg.state.recipients[i];
+            r.status != RecipientStatus::Failed
+                || dsn::wants_failure(original.dsn.notify(&r.address))
+        })
+        .collect();
     if original.from.is_empty() || original.is_bounce {
         tracing::info!(event = "dropped", id = %original.id, failed = fresh.len(), "undeliverable, no bounce (null sender or bounce)");
+    } else if wanted.is_empty() {
+        tracing::info!(event = "dropped", id = %original.id, failed = fresh.len(), "undeliverable, no bounce (NOTIFY=NEVER or without FAILURE)");
     } else {
+        let any_failed = wanted
+            .iter()
+            .any(|&i| msg.state.recipients[i].status == RecipientStatus::Failed);
+        let full =
+            any_failed && original.dsn.ret == Some(DsnRet::Full) && msg.size <= RET_FULL_LIMIT;
         let queue = shared.queue.clone();
         let id = original.id.clone();
-        let head = blocking(move || queue.read_head(&id, MAX_HEADER))
+        let limit = if full {
+            RET_FULL_LIMIT as usize
+        } else {
+            MAX_HEADER
+        };
+        let head = blocking(move || queue.read_head(&id, limit))
             .await
             .unwrap_or_default();
-        let failed: Vec<FailedRecipient<'_>> = fresh
+        let recipients: Vec<FailedRecipient<'_>> = wanted
             .iter()
             .map(|&i| {
                 let r = &msg.state.recipients[i];
+                let (action, fallback) = if r.status == RecipientStatus::Failed {
+                    (DsnAction::Failed, "delivery failed")
+                } else {
+                    (DsnAction::Relayed, "250 relayed")
+                };
                 FailedRecipient {
                     address: &r.address,
-                    diagnostic: r.last_reply.as_deref().unwrap_or("delivery failed"),
+                    diagnostic: r.last_reply.as_deref().unwrap_or(fallback),
+                    action,
+                    orcpt: original
+                        .dsn
+                        .recipient(&r.address)
+                        .and_then(|d| d.orcpt.as_deref()),
                 }
             })
             .collect();
+        let returned = if full && head.len() as u64 == msg.size {
+            Returned::Full(&head)
+        } else {
+            Returned::Headers(header_block(&head))
+        };
         let now = Utc::now();
         let dsn = bounce::build(
             &shared.settings.hostname,
             original,
-            header_block(&head),
-            &failed,
+            returned,
+            &recipients,
             now,
         );
         let envelope = Envelope {
@@ -916,12 +988,19 @@ async fn bounce_new_failures(shared: &Shared, msg: &mut QueuedMessage) -> Result
             is_bounce: true,
             body: Default::default(),
             smtputf8: false,
+            dsn: Default::default(),
         };
         if let Err(e) = shared.spool.insert(&envelope, &dsn).await {
             tracing::error!(event = "bounce_not_queued", id = %original.id, error = %e, "cannot queue the bounce; trying again later");
             return Err(());
         }
-        tracing::info!(event = "bounce", id = %original.id, bounce_id = %envelope.id, to = %Escaped(&original.from), failed = failed.len(), "bouncing");
+        crate::metrics::bounce_queued();
+        let relayed = recipients.len()
+            - recipients
+                .iter()
+                .filter(|r| r.action == DsnAction::Failed)
+                .count();
+        tracing::info!(event = "bounce", id = %original.id, bounce_id = %envelope.id, to = %Escaped(&original.from), failed = recipients.len() - relayed, relayed, "bouncing");
     }
     for i in fresh {
         msg.state.recipients[i].bounced = true;
@@ -1038,6 +1117,52 @@ mod tests {
         assert_eq!(s.due.len(), 1);
         assert!(s.remove("a").is_some());
         assert!(s.due.is_empty());
+    }
+
+    #[test]
+    fn which_recipients_are_owed_a_notice() {
+        let mut envelope = Envelope {
+            id: "Q".into(),
+            from: "a@b.test".into(),
+            recipients: vec!["x@d.test".into(), "y@d.test".into()],
+            received_at: Utc::now(),
+            login: None,
+            is_bounce: false,
+            body: Default::default(),
+            smtputf8: false,
+            dsn: Default::default(),
+        };
+        envelope.dsn.recipients.push(domauth_store::RecipientDsn {
+            address: "x@d.test".into(),
+            notify: Some(domauth_store::DsnNotify {
+                success: true,
+                failure: false,
+                delay: false,
+            }),
+            orcpt: None,
+        });
+        let r = |address: &str, status, relayed| QueueRecipient {
+            address: address.into(),
+            status,
+            last_reply: None,
+            bounced: false,
+            relayed,
+        };
+        use RecipientStatus::*;
+        for (rcpt, owed) in [
+            // NOTIFY=SUCCESS: a notice once a smarthost without DSN took it.
+            (r("x@d.test", Delivered, true), true),
+            (r("x@d.test", Delivered, false), false),
+            (r("x@d.test", Pending, true), false),
+            // A failure is always settled through the bounce step (which then
+            // leaves out those whose NOTIFY excludes FAILURE).
+            (r("x@d.test", Failed, false), true),
+            // No NOTIFY: no success notice.
+            (r("y@d.test", Delivered, true), false),
+            (r("y@d.test", Failed, false), true),
+        ] {
+            assert_eq!(owes_notice(&envelope, &rcpt), owed, "{rcpt:?}");
+        }
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::{
 use domauth_store::{Queue, Store, StoreError};
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     signal::unix::{SignalKind, signal},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
@@ -78,6 +78,8 @@ impl Drop for IpSlot {
 
 pub async fn run(config: Config) -> Result<(), String> {
     let s = &config.server;
+    // Before anything starts: a passwd-file that cannot be read stops start-up.
+    let passwords = crate::passwords::Backend::from_config(&config.auth)?;
     std::fs::create_dir_all(&s.data_dir).map_err(|e| {
         format!(
             "server.data_dir: cannot create {}: {e}",
@@ -122,13 +124,17 @@ pub async fn run(config: Config) -> Result<(), String> {
     for (id, why) in &opened.damaged {
         tracing::error!(event = "message_held", id = %id, error = %why, "queued message damaged; held, see `domauth queue show`");
     }
-    let tls = tls::acceptor(&config.tls, &s.hostname)?;
+    let (tls, certs) = tls::reloadable_acceptor(&config.tls, &s.hostname)?;
     let dns = dns_checker(&config)?;
     let upstream = Upstream::from_config(&config)?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (queue_handle, queue_rx) = queue::channel();
-    let spool = Spool::start(queue.clone(), queue_handle.clone())?;
+    let signer = config
+        .deliverability
+        .dkim
+        .then(|| crate::dkim::Signer::new(store.clone()));
+    let spool = Spool::start(queue.clone(), queue_handle.clone(), signer)?;
     let workers = queue::start(
         queue.clone(),
         opened.messages,
@@ -146,9 +152,21 @@ pub async fn run(config: Config) -> Result<(), String> {
         queue_rx,
         shutdown.clone(),
     );
-    let verifier = Verifier::new(store.clone(), dns, config.verification.clone());
+    let dkim_keys = crate::dkim_keys::DkimKeys::new(
+        store.clone(),
+        dns.clone(),
+        config.verification.clone(),
+        config.deliverability.dkim,
+    );
+    let dkim_task = tokio::spawn(dkim_keys.clone().run(shutdown.clone()));
+    let verifier = Verifier::with_spf_include(
+        store.clone(),
+        dns,
+        config.verification.clone(),
+        config.deliverability.spf_include.clone(),
+    );
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
-    let ops = crate::ops::Ops::new(store.clone(), verifier.clone());
+    let ops = crate::ops::Ops::new(store.clone(), verifier.clone(), passwords.clone());
     let admin_task = admin::server::serve(
         &s.admin_socket,
         admin::server::AdminState {
@@ -156,6 +174,8 @@ pub async fn run(config: Config) -> Result<(), String> {
             verifier,
             queue,
             scheduler: queue_handle,
+            passwords: passwords.clone(),
+            dkim: dkim_keys,
             ops: ops.clone(),
         },
         shutdown.clone(),
@@ -170,6 +190,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             window: l.auth_window.get(),
             failure_delay: l.auth_failure_delay.get(),
             cache_ttl: Duration::from_secs(300),
+            passwords,
         },
     )?;
     let ctx = Arc::new(ConnContext {
@@ -204,8 +225,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         (&s.submissions, Listener::Submissions, "server.submissions"),
     ] {
         for addr in addrs {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = listen(*addr, l.max_connections)
                 .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
             tracing::info!(event = "listening", addr = %addr, listener = ?kind, "listening");
             accept_loops.push(tokio::spawn(accept_loop(
@@ -218,6 +238,17 @@ pub async fn run(config: Config) -> Result<(), String> {
             )));
         }
     }
+    crate::reload::on_sighup(certs, shutdown.clone())?;
+    crate::notify::spawn(
+        crate::notify::StatusSource {
+            connections: connections.clone(),
+            max_connections: l.max_connections,
+            queue_dir: queue_dir.clone(),
+        },
+        shutdown.clone(),
+    );
+    crate::notify::ready();
+    let metrics_tasks = crate::metrics::serve(&config.metrics.listen, shutdown.clone()).await;
     tracing::info!(
         event = "started",
         admin_socket = %s.admin_socket.display(),
@@ -226,6 +257,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
 
     wait_for_signal().await?;
+    crate::notify::stopping();
     tracing::info!(
         event = "shutdown",
         "stopping: no new connections; open sessions may finish"
@@ -259,6 +291,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     }
     verifier_task.abort();
+    dkim_task.abort();
+    metrics_tasks.iter().for_each(|t| t.abort());
     let _ = tokio::time::timeout_at(deadline, admin_task).await;
     store
         .flush()
@@ -271,9 +305,17 @@ pub async fn run(config: Config) -> Result<(), String> {
 /// DNS only serves domain verification, so a machine without a usable
 /// resolv.conf (a bare container) still relays mail: the checks then go to
 /// 127.0.0.1:53 and report `dns error` until `dns.nameservers` is set.
+/// With `dns.nameservers` empty the checks ask the authoritative servers
+/// (SPEC §9), found through the nameservers of `dns.resolv_conf`.
 fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
     let timeout = config.dns.timeout.get();
-    match DnsChecker::new(&config.dns.nameservers, timeout) {
+    let checker = if config.dns.nameservers.is_empty() {
+        crate::verify_dns::system_nameservers_from(&config.dns.resolv_conf)
+            .and_then(|bootstrap| DnsChecker::authoritative(&bootstrap, timeout))
+    } else {
+        DnsChecker::new(&config.dns.nameservers, timeout)
+    };
+    match checker {
         Ok(dns) => Ok(dns),
         Err(e) if config.dns.nameservers.is_empty() => {
             tracing::warn!(
@@ -281,7 +323,7 @@ fn dns_checker(config: &Config) -> Result<DnsChecker, String> {
                 error = %e,
                 "no system nameserver; domain checks use 127.0.0.1:53 until dns.nameservers is set"
             );
-            DnsChecker::new(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
+            DnsChecker::authoritative(&[SocketAddr::from(([127, 0, 0, 1], 53))], timeout)
                 .map_err(|e| format!("dns.nameservers: {e}"))
         }
         Err(e) => Err(format!("dns.nameservers: {e}")),
@@ -296,6 +338,25 @@ async fn wait_for_signal() -> Result<(), String> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// A listening socket whose accept queue holds a burst of `max_connections`
+/// clients. `TcpListener::bind` asks for 128, as std does: 500 clients
+/// connecting at once while both cores are busy with TLS handshakes overflowed
+/// it, and the kernel then completed those connections only at the fifth SYN-ACK
+/// retransmission, 31 s later (`nstat` TcpExtListenOverflows; bench/run's
+/// concurrency sweep saw it as sessions without a greeting). The kernel caps the
+/// value at `net.core.somaxconn` (4096 on current Linux).
+fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted relay can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections.clamp(128, 65_535)).unwrap_or(4096))
 }
 
 async fn accept_loop(
@@ -346,6 +407,7 @@ async fn accept_loop(
 /// the connection is just closed).
 fn refuse(mut tcp: TcpStream, peer: SocketAddr, kind: Listener, limit: &'static str) {
     tracing::warn!(event = "connection_refused", peer = %peer, limit, "connection limit reached");
+    crate::metrics::connection_refused(limit);
     if kind == Listener::Submissions {
         return;
     }

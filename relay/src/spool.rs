@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     cleanup::{self, TraceInfo},
+    dkim::{BodyHash, Signer},
     queue::QueueHandle,
     smtp::session::MessageStart,
 };
@@ -68,6 +69,8 @@ struct CommitJob {
 pub struct Spool {
     queue: Queue,
     commits: mpsc::UnboundedSender<CommitJob>,
+    /// DKIM signing (`[deliverability] dkim`); `None`: off.
+    dkim: Option<Arc<Signer>>,
 }
 
 /// A queue id: the arrival time in microseconds (hex, so ids sort by
@@ -80,14 +83,22 @@ pub fn new_queue_id() -> String {
 
 impl Spool {
     /// Starts the committer thread. Committed messages are handed to `queue_handle`.
-    pub fn start(queue: Queue, queue_handle: QueueHandle) -> Result<Arc<Spool>, String> {
+    pub fn start(
+        queue: Queue,
+        queue_handle: QueueHandle,
+        dkim: Option<Arc<Signer>>,
+    ) -> Result<Arc<Spool>, String> {
         let (tx, rx) = mpsc::unbounded_channel();
         let committing = queue.clone();
         std::thread::Builder::new()
             .name("domauth-commit".into())
             .spawn(move || committer(committing, rx, queue_handle))
             .map_err(|e| format!("cannot start the commit thread: {e}"))?;
-        Ok(Arc::new(Spool { queue, commits: tx }))
+        Ok(Arc::new(Spool {
+            queue,
+            commits: tx,
+            dkim,
+        }))
     }
 
     pub fn queue(&self) -> &Queue {
@@ -115,6 +126,7 @@ impl Spool {
                 BodyType::SevenBit
             },
             smtputf8: start.envelope.smtputf8,
+            dsn: start.envelope.dsn,
         };
         let writer = self.queue.writer(&envelope)?;
         Ok(IncomingMessage {
@@ -125,6 +137,10 @@ impl Spool {
             header_too_large: false,
             size: 0,
             hostname: hostname.to_string(),
+            trace: Vec::new(),
+            signer: self.dkim.clone(),
+            body_hash: None,
+            login: envelope.login.clone().unwrap_or_default(),
             from: envelope.from.clone(),
             helo: start.helo,
             peer,
@@ -140,9 +156,14 @@ impl Spool {
         if let Some(e) = message.failure.take() {
             return Err(e);
         }
-        let Some(writer) = message.writer.take() else {
+        let Some(mut writer) = message.writer.take() else {
             return Err(SpoolError::Failed("message was not written".into()));
         };
+        if let (Some(signer), Some(hash)) = (self.dkim.clone(), message.body_hash.take())
+            && message.signable()
+        {
+            writer = sign(signer, &mut message, hash, writer).await?;
+        }
         self.commit_writer(writer, message.queue_id).await
     }
 
@@ -160,6 +181,41 @@ impl Spool {
             .send(CommitJob { writer, id, done })
             .map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())?
+    }
+}
+
+/// DKIM-signs a finished message when its From domain is set up for it (`dkim.rs`
+/// decides) and puts the signatures in front of it, off the async runtime (RSA, and a
+/// large message's file moves up). A signing error is logged and the message goes
+/// unsigned (a refusal would cost the user their mail); a write error fails the commit.
+async fn sign(
+    signer: Arc<Signer>,
+    message: &mut IncomingMessage,
+    hash: BodyHash,
+    mut writer: MessageWriter,
+) -> Result<MessageWriter, SpoolError> {
+    let mut headers = std::mem::take(&mut message.trace);
+    headers.extend_from_slice(&message.head);
+    let login = message.login.clone();
+    let id = message.queue_id.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        match signer.sign(&login, &headers, &hash.finish()) {
+            Ok(Some(signed)) => {
+                writer.prepend(&signed.fields)?;
+                tracing::info!(event = "dkim_signed", id = %id, domain = %signed.domain, selectors = %signed.selectors, "DKIM-signed");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(event = "dkim_sign_failed", id = %id, error = %e, "message not DKIM-signed");
+            }
+        }
+        Ok::<_, StoreError>(writer)
+    })
+    .await;
+    match joined {
+        Ok(Ok(writer)) => Ok(writer),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(SpoolError::Failed(format!("signing task failed: {e}"))),
     }
 }
 
@@ -203,6 +259,14 @@ pub struct IncomingMessage {
     header_too_large: bool,
     size: u64,
     hostname: String,
+    /// The relay's trace fields put in front of the header block (they are signed too).
+    trace: Vec<u8>,
+    /// Decides at the end of the header block whether the body is hashed for DKIM.
+    signer: Option<Arc<Signer>>,
+    /// The DKIM body hash, fed with everything after the header block as it arrives.
+    body_hash: Option<BodyHash>,
+    /// The mailbox that submits it (whose hosting's keys sign).
+    login: String,
     from: String,
     helo: String,
     peer: IpAddr,
@@ -234,6 +298,9 @@ impl IncomingMessage {
             if let Some(w) = self.writer.as_mut() {
                 w.push(bytes);
             }
+            if let Some(h) = self.body_hash.as_mut() {
+                h.write(bytes);
+            }
             return;
         }
         self.head.extend_from_slice(bytes);
@@ -262,6 +329,17 @@ impl IncomingMessage {
             w.push(&prefix);
             w.push(&self.head);
         }
+        let block = &self.head[..header_len];
+        if self
+            .signer
+            .as_ref()
+            .is_some_and(|s| s.wants(&self.login, block))
+        {
+            let mut hash = BodyHash::default();
+            hash.write(&self.head[header_len..]);
+            self.body_hash = Some(hash);
+            self.trace = prefix;
+        }
         self.head.truncate(header_len);
         self.head.shrink_to_fit();
     }
@@ -271,6 +349,12 @@ impl IncomingMessage {
         if self.header_len.is_none() && !self.header_too_large && self.failure.is_none() {
             self.start_body(self.head.len());
         }
+    }
+
+    /// Whether a DKIM verifier splits header and body where we did: the header block
+    /// ends with the empty line, or the message is all header fields.
+    fn signable(&self) -> bool {
+        self.head.ends_with(b"\r\n\r\n") || self.head.len() as u64 == self.size
     }
 
     /// The header block, once the message is complete; `None` when it was larger than

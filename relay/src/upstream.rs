@@ -16,7 +16,7 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
-use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SMTP_UTF8, Response};
+use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, Response};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -38,8 +38,9 @@ pub enum RcptResult {
 /// The outcome of one delivery attempt of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
-    /// Upstream answered: one result per recipient, in order.
-    Replied(Vec<RcptResult>),
+    /// Upstream answered: one result per recipient, in order. `dsn`: the smarthost
+    /// offered DSN, so it got the DSN parameters and success notices are its job.
+    Replied { results: Vec<RcptResult>, dsn: bool },
     /// Upstream could not be reached, or the connection broke or stalled: nothing is
     /// known to be delivered, every recipient is deferred. Counts toward a dead
     /// destination.
@@ -83,6 +84,8 @@ struct Offers {
     pipelining: bool,
     eight_bit: bool,
     smtputf8: bool,
+    /// RFC 3461: the DSN parameters are passed on only then.
+    dsn: bool,
 }
 
 /// An open upstream connection and what the smarthost offers.
@@ -265,6 +268,7 @@ impl Upstream {
             pipelining: ehlo.has_capability(EXT_PIPELINING),
             eight_bit: ehlo.has_capability(EXT_8BIT_MIME),
             smtputf8: ehlo.has_capability(EXT_SMTP_UTF8),
+            dsn: ehlo.has_capability(EXT_DSN),
         })
     }
 
@@ -328,7 +332,10 @@ impl Upstream {
         };
         let upstream = self.describe();
         match result {
-            Ok(results) => Ok(Attempt::Replied(results)),
+            Ok(results) => Ok(Attempt::Replied {
+                results,
+                dsn: offers.dsn,
+            }),
             Err(failure) => {
                 // The connection is in an unknown state: never reuse it.
                 *conn = None;
@@ -356,7 +363,7 @@ impl From<Broken> for Failure {
 }
 
 /// `MAIL FROM` with what the client declared, where the smarthost offers it (RFC 6152:
-/// BODY=8BITMIME; RFC 6531: SMTPUTF8). A message that needs SMTPUTF8 cannot go to a
+/// BODY=8BITMIME; RFC 6531: SMTPUTF8; RFC 3461: RET, ENVID). A message that needs SMTPUTF8 cannot go to a
 /// smarthost without it.
 fn mail_command(envelope: &Envelope, offers: Offers) -> Result<String, RcptResult> {
     let mut command = format!("MAIL FROM:<{}>", envelope.from);
@@ -370,6 +377,9 @@ fn mail_command(envelope: &Envelope, offers: Offers) -> Result<String, RcptResul
             ));
         }
         command.push_str(" SMTPUTF8");
+    }
+    if offers.dsn {
+        command.push_str(&crate::dsn::upstream_mail_params(&envelope.dsn));
     }
     command.push_str("\r\n");
     Ok(command)
@@ -395,7 +405,14 @@ where
     };
     let mut commands = Vec::with_capacity(recipients.len() + 2);
     commands.push(mail);
-    commands.extend(recipients.iter().map(|r| format!("RCPT TO:<{r}>\r\n")));
+    commands.extend(recipients.iter().map(|r| {
+        let params = if offers.dsn {
+            crate::dsn::upstream_rcpt_params(&envelope.dsn, r)
+        } else {
+            String::new()
+        };
+        format!("RCPT TO:<{r}>{params}\r\n")
+    }));
     commands.push("DATA\r\n".to_string());
     let replies = match negotiate(client, t, offers.pipelining, &commands).await {
         Ok(replies) => replies,
@@ -810,6 +827,7 @@ mod tests {
             is_bounce: false,
             body: BodyType::EightBitMime,
             smtputf8: false,
+            dsn: Default::default(),
         };
         let mut w = queue.writer(&envelope).unwrap();
         w.push(body);
@@ -872,6 +890,7 @@ mod tests {
             pipelining,
             eight_bit: true,
             smtputf8: false,
+            dsn: false,
         };
         let results =
             match transaction(&mut client, timeouts, offers, &envelope, &rcpts, reader).await {

@@ -2,15 +2,16 @@
 //! causes, `domain verify` on demand, and the background task that re-checks
 //! pending and verified domains. The DNS lookup itself is in `verify_dns.rs`.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use domauth_store::{AuthorizedDomain, DomainStatus, Store};
-use tokio::{sync::watch, task::JoinSet};
+use tokio::sync::watch;
 
 use crate::{
     config::VerificationConfig,
     logsafe::Escaped,
+    schedule::{self, Schedule},
     verify_dns::{CheckOutcome, DnsChecker},
 };
 
@@ -82,10 +83,6 @@ pub fn apply(
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     (now - since).to_std().unwrap_or_default()
 }
@@ -95,10 +92,24 @@ pub struct Verifier {
     dns: DnsChecker,
     config: VerificationConfig,
     timing: Timing,
+    /// When each domain is next due (see [`Verifier::run`]).
+    schedule: Schedule,
+    /// `[deliverability] spf_include`: what the SPF advice looks for (empty: none).
+    spf_include: String,
 }
 
 impl Verifier {
     pub fn new(store: Store, dns: DnsChecker, config: VerificationConfig) -> Arc<Verifier> {
+        Verifier::with_spf_include(store, dns, config, String::new())
+    }
+
+    /// A verifier whose checks also give SPF advice about `spf_include` (SPEC §9).
+    pub fn with_spf_include(
+        store: Store,
+        dns: DnsChecker,
+        config: VerificationConfig,
+        spf_include: String,
+    ) -> Arc<Verifier> {
         let timing = Timing {
             pending_expiry: config.pending_expiry.get(),
             grace: config.grace.get(),
@@ -108,6 +119,8 @@ impl Verifier {
             dns,
             config,
             timing,
+            schedule: Schedule::default(),
+            spf_include,
         })
     }
 
@@ -138,30 +151,52 @@ impl Verifier {
             return Ok(None);
         };
         let started = Utc::now();
-        let name = self.record_name(&current.domain);
-        let mut outcome = self.dns.check(&name, &current.token).await;
+        // The SPF/DMARC advice (SPEC §9) is read beside the proof; never a condition.
+        let record_name = self.record_name(&current.domain);
+        let ((mut outcome, auth), (spf, dmarc)) = tokio::join!(
+            self.dns.check_report(&record_name, &current.token),
+            crate::dns_advice::advise(&self.dns, &current.domain, &self.spf_include),
+        );
         if !matches!(outcome, CheckOutcome::Verified) && !outcome.is_temporary() {
             // The commonest mistake: a DNS panel appended the zone to a
             // name typed in full. Say so instead of a bare "not found".
-            let doubled = format!("{name}.{}", current.domain);
+            let doubled = format!("{record_name}.{}", current.domain);
             if self.dns.check(&doubled, &current.token).await == CheckOutcome::Verified {
                 outcome = CheckOutcome::NotFound(format!(
-                    "no matching TXT record at {name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
+                    "no matching TXT record at {record_name}; found at {doubled}: the zone was added twice, enter only {} as the record name",
                     self.config.record_label
                 ));
             }
         }
-        let now = Utc::now();
+        let report = domauth_store::DnsReport {
+            zone: auth.zone,
+            servers: auth.servers,
+            spf: Some(spf),
+            dmarc: Some(dmarc),
+        };
+        crate::metrics::domain_check(&outcome);
+        let mut before = None;
+        // A check is dated by when it asked DNS: the check that asked last
+        // decides, whichever answer arrives last. (Dated by its answer, a
+        // background check that asked before the record was published and
+        // answered after `domain verify` asked would undo that verify.)
         let updated = self
             .store
             .update_domain(hosting, domain, |d| {
+                before = Some(d.status); // the last call is the one stored
                 if d.last_check.is_some_and(|t| t > started) {
-                    return; // a newer check already decided
+                    return; // a check that asked later already decided
                 }
-                apply(d, &outcome, now, &self.timing);
+                apply(d, &outcome, started, &self.timing);
+                d.dns_report = report.clone();
             })
             .map_err(|e| e.to_string())?;
+        crate::metrics::domain_status(
+            before.filter(|_| updated.is_some()),
+            updated.as_ref().map(|d| d.status),
+        );
         if let Some(d) = &updated {
+            self.track(d);
             tracing::info!(
                 event = "domain_check",
                 hosting = %hosting,
@@ -175,75 +210,70 @@ impl Verifier {
         Ok(updated.map(|d| (d, outcome)))
     }
 
-    fn due(&self, d: &AuthorizedDomain, now: DateTime<Utc>) -> bool {
+    /// When the background task should next check `d`: pending domains every
+    /// `check_interval`, verified ones every `recheck_interval`, failed ones never
+    /// (only `domain verify` revives them).
+    fn next_check(&self, d: &AuthorizedDomain) -> Option<DateTime<Utc>> {
         let interval = match d.status {
             DomainStatus::Pending => self.config.check_interval.get(),
             DomainStatus::Verified => self.config.recheck_interval.get(),
-            DomainStatus::Failed => return false,
+            DomainStatus::Failed => return None,
         };
-        match d.last_check {
-            None => true,
-            Some(t) => elapsed(t, now) >= interval,
+        Some(
+            d.last_check
+                .map_or_else(Utc::now, |t| schedule::after(t, interval)),
+        )
+    }
+
+    /// Puts `d` on the background task's schedule (or takes it off when it is
+    /// failed). Called at `domain add` and after every check, so the task never
+    /// scans the store to find what is due.
+    pub fn track(&self, d: &AuthorizedDomain) {
+        self.schedule
+            .set((d.hosting.clone(), d.domain.clone()), self.next_check(d));
+    }
+
+    /// Every domain in the store onto the schedule: at start, and now and then in
+    /// case a domain reached the store by a path that did not call
+    /// [`Verifier::track`]. Off the async runtime (10,000 domains are a few
+    /// milliseconds of sled reads and JSON).
+    async fn track_all(&self) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.all_domains()).await {
+            Ok(Ok(domains)) => {
+                crate::metrics::domains(&domains);
+                for d in &domains {
+                    self.schedule
+                        .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot list domains"),
+            Err(e) => tracing::error!(error = %e, "domain scan task failed"),
         }
     }
 
-    /// The background task: every tick, checks the domains that are due,
-    /// several at once (bounded), so one slow nameserver holds up nobody.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let tick = self
-            .config
-            .check_interval
-            .get()
-            .min(self.config.recheck_interval.get())
-            .clamp(Duration::from_millis(200), Duration::from_secs(30));
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
-        // Domains being checked right now: not scheduled twice.
-        let in_progress = Arc::new(std::sync::Mutex::new(HashSet::new()));
-        let mut running: JoinSet<()> = JoinSet::new();
-        loop {
-            while let Some(done) = running.try_join_next() {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "domain check task failed");
+    /// The background task: checks the domains as they come due, several at once
+    /// (bounded), so one slow nameserver holds up nobody.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let check = |key: schedule::DomainKey| {
+            let this = self.clone();
+            async move {
+                if let Err(e) = this.check(&key.0, &key.1).await {
+                    tracing::error!(error = %e, domain = %Escaped(&key.1), "domain check failed");
+                    // Try again one interval later rather than never.
+                    let retry = schedule::after(Utc::now(), this.config.check_interval.get());
+                    this.schedule.set(key, Some(retry));
                 }
             }
-            let now = Utc::now();
-            // A scan of every domain: off the async runtime (10,000 domains are a few
-            // milliseconds of sled reads and JSON).
-            let store = self.store.clone();
-            let scanned = tokio::task::spawn_blocking(move || store.all_domains())
-                .await
-                .unwrap_or_else(|e| {
-                    Err(domauth_store::StoreError::Io(format!(
-                        "domain scan task failed: {e}"
-                    )))
-                });
-            match scanned {
-                Ok(domains) => {
-                    for d in domains.into_iter().filter(|d| self.due(d, now)) {
-                        let key = (d.hosting, d.domain);
-                        if !lock(&in_progress).insert(key.clone()) {
-                            continue;
-                        }
-                        let (this, limit, in_progress) =
-                            (self.clone(), limit.clone(), in_progress.clone());
-                        running.spawn(async move {
-                            if let Ok(_permit) = limit.acquire().await
-                                && let Err(e) = this.check(&key.0, &key.1).await
-                            {
-                                tracing::error!(error = %e, domain = %key.1, "domain check failed");
-                            }
-                            lock(&in_progress).remove(&key);
-                        });
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot list domains"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => break,
-            }
-        }
-        running.abort_all();
+        };
+        self.schedule
+            .run(
+                self.config.concurrency,
+                check,
+                || self.track_all(),
+                shutdown,
+            )
+            .await;
     }
 }
 
@@ -263,6 +293,7 @@ mod tests {
             last_check: None,
             last_error: None,
             record_missing_since: None,
+            dns_report: Default::default(),
         }
     }
 

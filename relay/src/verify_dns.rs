@@ -8,6 +8,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,7 +22,10 @@ use hickory_resolver::{
     },
 };
 
-use crate::logsafe::Escaped;
+use crate::{
+    logsafe::Escaped,
+    verify_auth::{AuthReport, AuthoritativeDns},
+};
 
 /// Where the system's nameservers are read from when none are configured.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -72,7 +76,7 @@ pub fn txt_matches(record_strings: &[&[u8]], expected: &str) -> bool {
 }
 
 /// The record's character-strings concatenated, decoded lossily.
-fn joined_value(record_strings: &[&[u8]]) -> String {
+pub(crate) fn joined_value(record_strings: &[&[u8]]) -> String {
     let bytes: Vec<u8> = record_strings.concat();
     String::from_utf8_lossy(&bytes).into_owned()
 }
@@ -124,6 +128,9 @@ pub struct DnsChecker {
     timeout: Duration,
     /// Hard bound on one `check`, whatever the resolver's retry logic does.
     overall: Duration,
+    /// Set when the checks ask the zone's authoritative servers (`dns.nameservers` empty);
+    /// `resolver` then only serves to find them.
+    authoritative: Option<AuthoritativeDns>,
 }
 
 impl fmt::Debug for DnsChecker {
@@ -151,43 +158,111 @@ impl DnsChecker {
         } else {
             nameservers.to_vec()
         };
-
-        let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
-        for addr in &servers {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            config.add_name_server(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
-        }
-
-        // Two tries (one retry: a lost UDP packet is not a failure) of half the budget
-        // each, so a dead nameserver gives a DnsError after about `timeout`.
-        let mut opts = ResolverOpts::default();
-        opts.timeout = timeout / 2;
-        opts.attempts = 1; // retries after the first try
-        opts.cache_size = 0;
-        opts.positive_max_ttl = Some(Duration::ZERO);
-        opts.negative_max_ttl = Some(Duration::ZERO);
-        opts.use_hosts_file = ResolveHosts::Never;
-        opts.try_tcp_on_error = true;
-        opts.ndots = 0;
-
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(opts)
-            .build()
-            .map_err(|e| format!("cannot build DNS resolver: {e}"))?;
-
         Ok(DnsChecker {
-            resolver,
+            resolver: build_resolver(&servers, timeout, true)?,
             timeout,
             overall: timeout + Duration::from_millis(500),
+            authoritative: None,
         })
     }
 
-    /// Look up TXT at `name` (CNAMEs followed by the resolver; the TXT records of the answer
-    /// are taken even when it also holds the CNAME records) and compare with `expected`.
+    /// The mode of SPEC §9 for `dns.nameservers` empty: `bootstrap` (the system's
+    /// nameservers) is used only to find the zone cut, the NS set and its addresses; the
+    /// ownership checks then ask each authoritative server directly (`verify_auth.rs`).
+    pub fn authoritative(
+        bootstrap: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<DnsChecker, String> {
+        if bootstrap.is_empty() {
+            return Err("no nameserver to find the authoritative servers with".to_string());
+        }
+        let mut checker = DnsChecker::new(bootstrap, timeout)?;
+        checker.authoritative = Some(AuthoritativeDns::new(checker.resolver.clone(), timeout));
+        // The zone walk, the NS set, their addresses, then the servers: a few round trips.
+        checker.overall = timeout * 4 + Duration::from_millis(500);
+        Ok(checker)
+    }
+
+    /// Look up TXT at `name` and compare with `expected` (see [`DnsChecker::check_report`]).
     pub async fn check(&self, name: &str, expected: &str) -> CheckOutcome {
+        self.check_report(name, expected).await.0
+    }
+
+    /// Like [`DnsChecker::check`], with which authoritative server answered what (an empty
+    /// report when the configured nameservers are used as they are).
+    pub async fn check_report(&self, name: &str, expected: &str) -> (CheckOutcome, AuthReport) {
+        self.check_report_with(name, token_matcher(expected)).await
+    }
+
+    /// [`DnsChecker::check`] with another rule for what matches (a DKIM record compares
+    /// its `p=` key, not the whole text).
+    pub async fn check_matching(&self, name: &str, matches: TxtMatcher) -> CheckOutcome {
+        self.check_report_with(name, matches).await.0
+    }
+
+    async fn check_report_with(
+        &self,
+        name: &str,
+        matches: TxtMatcher,
+    ) -> (CheckOutcome, AuthReport) {
+        let Some(auth) = &self.authoritative else {
+            return (
+                self.check_configured(name, &*matches).await,
+                AuthReport::default(),
+            );
+        };
+        let display_name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        match tokio::time::timeout(self.overall, auth.check(&display_name, &matches)).await {
+            Ok(done) => done,
+            Err(_elapsed) => (
+                CheckOutcome::DnsError(format!(
+                    "timed out after {} asking the authoritative servers of {display_name}",
+                    fmt_secs(self.overall)
+                )),
+                AuthReport::default(),
+            ),
+        }
+    }
+
+    /// The TXT values at `name` (each record's strings joined), through the recursive
+    /// resolver: for advice (SPF, DMARC), not for the ownership proof. A name without TXT
+    /// gives an empty list; a DNS failure an error in words.
+    pub async fn txt_values(&self, name: &str) -> Result<Vec<String>, String> {
+        let display_name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let fqdn = Name::from_ascii(format!("{display_name}."))
+            .map_err(|e| format!("invalid DNS name {display_name:?}: {e}"))?;
+        let timeout = self.timeout + Duration::from_millis(500);
+        match tokio::time::timeout(timeout, self.resolver.lookup(fqdn, RecordType::TXT)).await {
+            Err(_elapsed) => Err(format!(
+                "timed out after {} looking up TXT at {display_name}",
+                fmt_secs(self.timeout)
+            )),
+            Ok(Ok(lookup)) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => {
+                        let strings: Vec<&[u8]> = txt.txt_data.iter().map(|s| &s[..]).collect();
+                        Some(joined_value(&strings))
+                    }
+                    _ => None,
+                })
+                .collect()),
+            Ok(Err(e)) => match classify_error(&e, &display_name, self.timeout) {
+                CheckOutcome::DnsError(detail) => Err(detail),
+                _ => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// Look up TXT at `name` through the configured nameservers (CNAMEs followed by the
+    /// resolver; the TXT records of the answer are taken even when it also holds the CNAME
+    /// records) and compare with `matches`.
+    async fn check_configured(
+        &self,
+        name: &str,
+        matches: &(dyn Fn(&[&[u8]]) -> bool + Send + Sync),
+    ) -> CheckOutcome {
         let display_name = name.trim().trim_end_matches('.').to_ascii_lowercase();
         let fqdn = match Name::from_ascii(format!("{display_name}.")) {
             Ok(n) => n,
@@ -213,7 +288,7 @@ impl DnsChecker {
                         _ => None,
                     })
                     .collect();
-                classify_records(&records, expected, &display_name)
+                classify_records(&records, matches, &display_name)
             }
             Ok(Err(e)) => classify_error(&e, &display_name, self.timeout),
         };
@@ -227,14 +302,63 @@ impl DnsChecker {
     }
 }
 
+/// What a TXT record (its strings) must hold to count as found: shared with the tasks
+/// that ask each authoritative server.
+pub type TxtMatcher = Arc<dyn Fn(&[&[u8]]) -> bool + Send + Sync>;
+
+/// The ownership proof's rule (SPEC §2.3): the strings joined equal the token.
+pub fn token_matcher(expected: &str) -> TxtMatcher {
+    let expected = expected.to_string();
+    Arc::new(move |strings: &[&[u8]]| txt_matches(strings, &expected))
+}
+
+/// A resolver over `servers` (UDP, TCP fallback on truncation and UDP errors), cache off.
+/// `recursion_desired = false` asks an authoritative server for its own data only.
+pub(crate) fn build_resolver(
+    servers: &[SocketAddr],
+    timeout: Duration,
+    recursion_desired: bool,
+) -> Result<TokioResolver, String> {
+    let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+    for addr in servers {
+        let mut udp = ConnectionConfig::udp();
+        udp.port = addr.port();
+        let mut tcp = ConnectionConfig::tcp();
+        tcp.port = addr.port();
+        config.add_name_server(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
+    }
+
+    // Two tries (one retry: a lost UDP packet is not a failure) of half the budget
+    // each, so a dead nameserver gives a DnsError after about `timeout`.
+    let mut opts = ResolverOpts::default();
+    opts.timeout = timeout / 2;
+    opts.attempts = 1; // retries after the first try
+    opts.cache_size = 0;
+    opts.positive_max_ttl = Some(Duration::ZERO);
+    opts.negative_max_ttl = Some(Duration::ZERO);
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.try_tcp_on_error = true;
+    opts.ndots = 0;
+    opts.recursion_desired = recursion_desired;
+
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+        .map_err(|e| format!("cannot build DNS resolver: {e}"))
+}
+
 /// Outcome of a successful lookup whose answer holds `records` (TXT only).
-fn classify_records(records: &[Vec<&[u8]>], expected: &str, name: &str) -> CheckOutcome {
+pub(crate) fn classify_records(
+    records: &[Vec<&[u8]>],
+    matches: &dyn Fn(&[&[u8]]) -> bool,
+    name: &str,
+) -> CheckOutcome {
     if records.is_empty() {
         return CheckOutcome::NotFound(format!(
             "no TXT record at {name} (the name exists but has no TXT record)"
         ));
     }
-    if records.iter().any(|strings| txt_matches(strings, expected)) {
+    if records.iter().any(|strings| matches(strings)) {
         return CheckOutcome::Verified;
     }
     let values: Vec<String> = records.iter().map(|s| joined_value(s)).collect();
@@ -244,7 +368,7 @@ fn classify_records(records: &[Vec<&[u8]>], expected: &str, name: &str) -> Check
 }
 
 /// Outcome of a failed lookup.
-fn classify_error(err: &NetError, name: &str, timeout: Duration) -> CheckOutcome {
+pub(crate) fn classify_error(err: &NetError, name: &str, timeout: Duration) -> CheckOutcome {
     match err {
         NetError::Dns(DnsError::NoRecordsFound(no)) => match no.response_code {
             ResponseCode::NXDomain => {
@@ -275,7 +399,7 @@ fn rcode(code: ResponseCode) -> String {
     format!("{code:?}").to_ascii_uppercase()
 }
 
-fn fmt_secs(d: Duration) -> String {
+pub(crate) fn fmt_secs(d: Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
@@ -286,12 +410,18 @@ fn fmt_secs(d: Duration) -> String {
 
 /// The `nameserver` lines of /etc/resolv.conf, port 53.
 fn system_nameservers() -> Result<Vec<SocketAddr>, String> {
-    let text = std::fs::read_to_string(RESOLV_CONF)
-        .map_err(|e| format!("dns.nameservers is empty and {RESOLV_CONF} cannot be read: {e}"))?;
+    system_nameservers_from(std::path::Path::new(RESOLV_CONF))
+}
+
+/// The `nameserver` lines of a resolv.conf file (`dns.resolv_conf`), port 53.
+pub fn system_nameservers_from(path: &std::path::Path) -> Result<Vec<SocketAddr>, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("dns.nameservers is empty and {shown} cannot be read: {e}"))?;
     let servers = parse_resolv_conf(&text);
     if servers.is_empty() {
         return Err(format!(
-            "dns.nameservers is empty and {RESOLV_CONF} lists no usable nameserver"
+            "dns.nameservers is empty and {shown} lists no usable nameserver"
         ));
     }
     Ok(servers)
@@ -403,21 +533,29 @@ mod tests {
     fn classify_records_table() {
         let name = "domauthvalidation.partner.example";
         assert_eq!(
-            classify_records(&[vec![b"tok"]], "tok", name),
+            classify_records(&[vec![b"tok"]], &|s: &[&[u8]]| txt_matches(s, "tok"), name),
             CheckOutcome::Verified
         );
         assert_eq!(
-            classify_records(&[vec![b"other"], vec![b"\"tok\""]], "tok", name),
+            classify_records(
+                &[vec![b"other"], vec![b"\"tok\""]],
+                &|s: &[&[u8]]| txt_matches(s, "tok"),
+                name
+            ),
             CheckOutcome::Verified
         );
         assert_eq!(
-            classify_records(&[vec![b"other"]], "tok", name),
+            classify_records(
+                &[vec![b"other"]],
+                &|s: &[&[u8]]| txt_matches(s, "tok"),
+                name
+            ),
             CheckOutcome::Mismatch {
                 found: "\"other\"".into()
             }
         );
         assert_eq!(
-            classify_records(&[], "tok", name).to_string(),
+            classify_records(&[], &|s: &[&[u8]]| txt_matches(s, "tok"), name).to_string(),
             "not found: no TXT record at domauthvalidation.partner.example \
              (the name exists but has no TXT record)"
         );

@@ -1,8 +1,17 @@
 //! Authorized accounts: addresses of a verified authorized domain that every mailbox of
 //! the hosting may send as.
+//!
+//! Two wider grants (SPEC §9) live in the same records, so the `MAIL FROM` check stays a
+//! couple of point reads:
+//! - **whole domain**: the account `*@partner.example` ([`wildcard_address`]) lets every
+//!   address of the domain be used. It is an ordinary record under the key
+//!   `hosting\0*@partner.example`; the policy reads it when the exact address has none.
+//! - **restricted**: an account with [`AuthorizedAccount::mailboxes`] may be used only by
+//!   those mailboxes of the hosting (empty: by every mailbox). Records written before
+//!   this field existed load as unrestricted.
 
 use crate::domain::{AuthorizedDomain, DomainStatus};
-use crate::hosting::{hosting_key, no_hosting};
+use crate::hosting::{Hosting, hosting_key, no_hosting};
 use crate::names::{domain_of, normalize_address, normalize_domain};
 use crate::{
     Result, Store, StoreError, abort, decode, encode, key_suffix, key2, prefix, tx, tx_result,
@@ -18,6 +27,26 @@ pub struct AuthorizedAccount {
     /// The authorized domain it belongs to: the domain of `address`, exactly.
     pub domain: String,
     pub created_at: DateTime<Utc>,
+    /// The mailboxes of the hosting that may use it, normalized and sorted; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mailboxes: Vec<String>,
+}
+
+/// The account that grants every address of `domain` (a normalized domain).
+pub fn wildcard_address(domain: &str) -> String {
+    format!("*@{domain}")
+}
+
+impl AuthorizedAccount {
+    /// Whether this is the whole-domain grant `*@domain`.
+    pub fn is_wildcard(&self) -> bool {
+        self.address.starts_with("*@")
+    }
+
+    /// Whether mailbox `login` (normalized) may use this account.
+    pub fn allows_mailbox(&self, login: &str) -> bool {
+        self.mailboxes.is_empty() || self.mailboxes.iter().any(|m| m == login)
+    }
 }
 
 impl Store {
@@ -25,14 +54,33 @@ impl Store {
     /// of the hosting, verified now. The domain is re-read inside the transaction so that a
     /// concurrent `delete_domain` cannot leave an account without its domain.
     pub fn add_account(&self, hosting: &str, address: &str) -> Result<AuthorizedAccount> {
+        self.add_account_restricted(hosting, address, &[])
+    }
+
+    /// Adds an account that only `mailboxes` of the hosting may use (empty: every
+    /// mailbox). Each must be an address in one of the hosting's own domains.
+    /// `*@domain` adds the whole-domain grant.
+    pub fn add_account_restricted(
+        &self,
+        hosting: &str,
+        address: &str,
+        mailboxes: &[String],
+    ) -> Result<AuthorizedAccount> {
         let hosting = hosting_key(hosting);
         let address = normalize_address(address)?;
         let domain = domain_of(&address).to_string();
+        let mut restricted = mailboxes
+            .iter()
+            .map(|m| normalize_address(m))
+            .collect::<Result<Vec<_>>>()?;
+        restricted.sort();
+        restricted.dedup();
         let account = AuthorizedAccount {
             hosting: hosting.clone(),
             address: address.clone(),
             domain: domain.clone(),
             created_at: Utc::now(),
+            mailboxes: restricted.clone(),
         };
         let value = encode(&account);
         let domain_key = key2(&hosting, &domain);
@@ -46,8 +94,20 @@ impl Store {
                 &self.account_index,
             )
                 .transaction(|(hostings, domains, accounts, index)| {
-                    if hostings.get(&hosting)?.is_none() {
+                    let Some(owner) = hostings.get(&hosting)? else {
                         return abort(no_hosting(&hosting));
+                    };
+                    if !restricted.is_empty() {
+                        let owner: Hosting =
+                            tx(decode(format_args!("hosting {hosting:?}"), &owner))?;
+                        if let Some(m) = restricted
+                            .iter()
+                            .find(|m| !owner.domains.iter().any(|d| d == domain_of(m)))
+                        {
+                            return abort(StoreError::Invalid(format!(
+                                "{m} is not a mailbox of hosting {hosting}: its domain is not one of the hosting's own domains"
+                            )));
+                        }
                     }
                     let Some(record) = domains.get(domain_key.as_slice())? else {
                         return abort(StoreError::NotFound(format!(
@@ -257,6 +317,67 @@ mod tests {
                 .account("acme", "sales@partner.example")
                 .unwrap()
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn wildcard_and_restricted_accounts() {
+        let (_dir, store) = setup();
+        verify(&store, "acme", "partner.example");
+        let all = store.add_account("acme", "*@Partner.example").unwrap();
+        assert_eq!(all.address, "*@partner.example");
+        assert!(all.is_wildcard() && all.allows_mailbox("anyone@acme.example"));
+        assert_eq!(
+            store
+                .account("acme", &wildcard_address("partner.example"))
+                .unwrap(),
+            Some(all)
+        );
+        let m = |v: &[&str]| strings(v);
+        let sales = store
+            .add_account_restricted(
+                "acme",
+                "sales@partner.example",
+                &m(&[
+                    "Info@acme.example",
+                    "boss@acme.example",
+                    "info@acme.example",
+                ]),
+            )
+            .unwrap();
+        assert_eq!(sales.mailboxes, ["boss@acme.example", "info@acme.example"]);
+        assert!(!sales.is_wildcard());
+        assert!(sales.allows_mailbox("info@acme.example"));
+        assert!(!sales.allows_mailbox("other@acme.example"));
+        assert_eq!(
+            store
+                .account("acme", "sales@partner.example")
+                .unwrap()
+                .unwrap()
+                .mailboxes,
+            ["boss@acme.example", "info@acme.example"]
+        );
+        // A mailbox of another hosting (or no mailbox address at all) is refused.
+        assert!(matches!(
+            store.add_account_restricted("acme", "x@partner.example", &m(&["bob@beta.example"])),
+            Err(StoreError::Invalid(e)) if e.contains("not a mailbox of hosting acme")
+        ));
+        assert!(matches!(
+            store.add_account_restricted("acme", "x@partner.example", &m(&["nope"])),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(store.account("acme", "x@partner.example").unwrap(), None);
+        // A record written before `mailboxes` existed loads as unrestricted.
+        let old: AuthorizedAccount = serde_json::from_str(
+            r#"{"hosting":"acme","address":"a@partner.example","domain":"partner.example","created_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert!(old.mailboxes.is_empty() && old.allows_mailbox("x@acme.example"));
+        // Unrestricted records are written as before.
+        assert!(
+            !String::from_utf8(encode(&old))
+                .unwrap()
+                .contains("mailboxes")
         );
     }
 

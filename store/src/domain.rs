@@ -49,6 +49,10 @@ pub struct AuthorizedDomain {
     pub last_error: Option<String>,
     /// Start of the grace clock of a verified domain whose record is gone (SPEC §2.6).
     pub record_missing_since: Option<DateTime<Utc>>,
+    /// Per-server answers and SPF/DMARC advice of the last check (SPEC §9); absent in
+    /// records written before it existed.
+    #[serde(default)]
+    pub dns_report: crate::DnsReport,
 }
 
 /// A TXT record holds strings of at most 255 bytes (RFC 1035 §3.3.14); the verifier trims
@@ -91,6 +95,7 @@ impl Store {
             last_check: None,
             last_error: None,
             record_missing_since: None,
+            dns_report: crate::DnsReport::default(),
         };
         let key = key2(&hosting, &domain);
         let value = encode(&record);
@@ -243,6 +248,10 @@ impl Store {
                 ),
             )?;
             removed += usize::from(gone);
+        }
+        // Its DKIM keys go with it (a domain added again gets new ones).
+        if self.domains.get(key.as_slice())?.is_none() {
+            self.dkim_keys.remove(key.as_slice())?;
         }
         Ok(removed)
     }

@@ -22,6 +22,7 @@
 //! | `domains`       | `hosting\0domain`    | [`AuthorizedDomain`]                    |
 //! | `accounts`      | `hosting\0address`   | [`AuthorizedAccount`]                   |
 //! | `account_index` | `address\0hosting`   | empty                                   |
+//! | `dkim_keys`     | `hosting\0domain`    | [`DomainDkim`]: DKIM key generations of that authorized domain (private keys inside: never shown) |
 //! | `api_tokens`    | token id             | [`ApiToken`] (hosting, hash of the secret) |
 //!
 //! - `own_domains` is the index of [`Hosting::domains`]: a domain is the own domain of at
@@ -43,6 +44,8 @@
 //! calls it at shutdown). The data here changes only through management commands.
 
 mod account;
+mod dkim;
+mod dns_report;
 mod domain;
 mod hosting;
 mod mailbox;
@@ -50,8 +53,10 @@ mod names;
 mod queue;
 mod token;
 
-pub use account::AuthorizedAccount;
+pub use account::{AuthorizedAccount, wildcard_address};
 pub use chrono::{DateTime, Utc};
+pub use dkim::{DkimKeySet, DkimStatus, DomainDkim};
+pub use dns_report::{DmarcFinding, DmarcPolicy, DnsReport, ServerAnswer, SpfFinding, SpfStatus};
 pub use domain::{AuthorizedDomain, DomainStatus};
 pub use hosting::Hosting;
 pub use mailbox::Mailbox;
@@ -60,6 +65,7 @@ pub use queue::{
     BodyType, DeliveryState, Envelope, MessageReader, MessageWriter, OpenReport, Queue,
     QueueRecipient, QueuedMessage, QueuedSummary, RecipientStatus, SyncMethod, is_disk_full,
 };
+pub use queue::{DsnNotify, DsnParams, DsnRet, RecipientDsn};
 pub use token::ApiToken;
 
 use serde::Serialize;
@@ -120,6 +126,7 @@ pub struct Store {
     domains: sled::Tree,
     accounts: sled::Tree,
     account_index: sled::Tree,
+    dkim_keys: sled::Tree,
     api_tokens: sled::Tree,
 }
 
@@ -141,6 +148,7 @@ impl Store {
             domains: db.open_tree("domains")?,
             accounts: db.open_tree("accounts")?,
             account_index: db.open_tree("account_index")?,
+            dkim_keys: db.open_tree("dkim_keys")?,
             api_tokens: db.open_tree("api_tokens")?,
             db,
         };

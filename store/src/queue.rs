@@ -71,9 +71,13 @@ pub struct QueueRecipient {
     pub last_reply: Option<String>,
     /// A DSN for this (failed) recipient has been queued: a failure is bounced once,
     /// right after the attempt that found it, even while other recipients of the message
-    /// are still being retried.
+    /// are still being retried. Also set once a "relayed" DSN (NOTIFY=SUCCESS) is queued.
     #[serde(default)]
     pub bounced: bool,
+    /// Accepted by a smarthost that did not offer DSN: a success notification asked for
+    /// with NOTIFY=SUCCESS is then the relay's to send (RFC 3461 §4.1, "relayed").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relayed: bool,
 }
 
 /// The body type the client declared (RFC 6152): it travels upstream with the message.
@@ -85,6 +89,117 @@ pub enum BodyType {
     SevenBit,
     #[serde(rename = "8bitmime")]
     EightBitMime,
+}
+
+/// `RET` of `MAIL FROM` (RFC 3461 §4.3): what a failure DSN returns of the message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DsnRet {
+    /// The whole message.
+    Full,
+    /// Its header block only.
+    Hdrs,
+}
+
+/// `NOTIFY` of `RCPT TO` (RFC 3461 §4.1). `NEVER` is the set with nothing in it. Kept as
+/// its SMTP text (`"SUCCESS,FAILURE"`, `"NEVER"`) in the envelope JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DsnNotify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+impl DsnNotify {
+    pub fn is_never(&self) -> bool {
+        !(self.success || self.failure || self.delay)
+    }
+}
+
+impl std::fmt::Display for DsnNotify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_never() {
+            return f.write_str("NEVER");
+        }
+        let words = [
+            (self.success, "SUCCESS"),
+            (self.failure, "FAILURE"),
+            (self.delay, "DELAY"),
+        ];
+        let on: Vec<&str> = words.iter().filter(|w| w.0).map(|w| w.1).collect();
+        f.write_str(&on.join(","))
+    }
+}
+
+impl From<DsnNotify> for String {
+    fn from(n: DsnNotify) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for DsnNotify {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<DsnNotify, String> {
+        let mut n = DsnNotify::default();
+        let mut never = false;
+        for word in text.split(',') {
+            match word.trim().to_ascii_uppercase().as_str() {
+                "NEVER" => never = true,
+                "SUCCESS" => n.success = true,
+                "FAILURE" => n.failure = true,
+                "DELAY" => n.delay = true,
+                other => return Err(format!("unknown NOTIFY keyword {other:?}")),
+            }
+        }
+        if never && !n.is_never() {
+            return Err("NOTIFY=NEVER cannot be combined with other keywords".into());
+        }
+        Ok(n)
+    }
+}
+
+/// The DSN parameters of one recipient (RFC 3461 §4.1-4.2), for those that had any.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecipientDsn {
+    /// The recipient as in [`Envelope::recipients`].
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<DsnNotify>,
+    /// `ORCPT=rfc822;…`, xtext-decoded (printable ASCII).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+}
+
+/// The DSN parameters of a message (RFC 3461): passed to a smarthost that offers DSN,
+/// honoured by the relay otherwise. Envelopes written before they existed load empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DsnParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<DsnRet>,
+    /// `ENVID=…`, xtext-decoded (printable ASCII).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<RecipientDsn>,
+}
+
+impl DsnParams {
+    pub fn is_empty(&self) -> bool {
+        self == &DsnParams::default()
+    }
+
+    /// The parameters given with `RCPT TO:<address>`, if any.
+    pub fn recipient(&self, address: &str) -> Option<&RecipientDsn> {
+        self.recipients
+            .iter()
+            .find(|r| r.address.eq_ignore_ascii_case(address))
+    }
+
+    /// `NOTIFY` of that recipient; `None` when it gave none.
+    pub fn notify(&self, address: &str) -> Option<DsnNotify> {
+        self.recipient(address).and_then(|r| r.notify)
+    }
 }
 
 /// What is fixed when a message is accepted: written once, at the head of `ID.msg`.
@@ -103,6 +218,9 @@ pub struct Envelope {
     pub body: BodyType,
     #[serde(default)]
     pub smtputf8: bool,
+    /// RET, ENVID, NOTIFY and ORCPT as the client gave them (RFC 3461).
+    #[serde(default, skip_serializing_if = "DsnParams::is_empty")]
+    pub dsn: DsnParams,
 }
 
 /// What changes with each delivery attempt: `ID.st`.
@@ -133,6 +251,7 @@ impl DeliveryState {
                     status: RecipientStatus::Pending,
                     last_reply: None,
                     bounced: false,
+                    relayed: false,
                 })
                 .collect(),
             held: false,
@@ -331,6 +450,7 @@ impl Queue {
         Ok(MessageWriter {
             tmp: self.tmp_path(&envelope.id),
             msg: self.msg_path(&envelope.id),
+            head_len: head.len() as u64,
             buf: head,
             file: None,
             written: 0,
@@ -590,6 +710,7 @@ fn damaged_view(id: &str, why: String) -> QueuedMessage {
             is_bounce: false,
             body: BodyType::SevenBit,
             smtputf8: false,
+            dsn: Default::default(),
         },
         size: 0,
         state: DeliveryState {
@@ -667,6 +788,8 @@ pub struct MessageWriter {
     file: Option<File>,
     /// Bytes already in the file.
     written: u64,
+    /// Where the message starts (after the magic and the envelope).
+    head_len: u64,
     message_len: u64,
     crc: crc32fast::Hasher,
 }
@@ -692,7 +815,9 @@ impl MessageWriter {
     /// Writes the buffer to the temporary file (creating it). Blocking.
     pub fn spill(&mut self) -> Result<()> {
         if self.file.is_none() {
+            // Read as well: `prepend` moves what is written.
             let file = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&self.tmp)
@@ -715,6 +840,45 @@ impl MessageWriter {
         if self.buf.capacity() > 1024 * 1024 {
             self.buf.shrink_to(256 * 1024);
         }
+        Ok(())
+    }
+
+    /// Puts `bytes` in front of the message pushed so far: headers that can only be made
+    /// once the whole message was seen (DKIM-Signature). While the start of the message
+    /// is still in memory this is an insert there; once it is in the file (a message
+    /// larger than the spill threshold) the file's message bytes move up by `bytes.len()`,
+    /// copied in bounded chunks from the end backwards, so memory stays bounded. Blocking.
+    pub fn prepend(&mut self, bytes: &[u8]) -> Result<()> {
+        let n = bytes.len() as u64;
+        if self.written <= self.head_len {
+            let at = usize::try_from(self.head_len - self.written)
+                .map_err(|_| StoreError::Io("queue buffer offset".into()))?;
+            self.buf.splice(at..at, bytes.iter().copied());
+        } else {
+            let Some(file) = self.file.as_ref() else {
+                return Err(StoreError::Io("queue file not open".into()));
+            };
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut end = self.written;
+            while end > self.head_len {
+                let start = end.saturating_sub(chunk.len() as u64).max(self.head_len);
+                let len = (end - start) as usize;
+                file.read_exact_at(&mut chunk[..len], start)
+                    .map_err(|e| classify("cannot read", &self.tmp, e))?;
+                file.write_all_at(&chunk[..len], start + n)
+                    .map_err(|e| classify("cannot write", &self.tmp, e))?;
+                end = start;
+            }
+            file.write_all_at(bytes, self.head_len)
+                .map_err(|e| classify("cannot write", &self.tmp, e))?;
+            self.written += n;
+        }
+        // crc(bytes ‖ message) from the running crc of the message.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(bytes);
+        crc.combine(&self.crc);
+        self.crc = crc;
+        self.message_len += n;
         Ok(())
     }
 
@@ -814,20 +978,18 @@ impl MessageReader {
         let want = usize::try_from(self.remaining)
             .unwrap_or(usize::MAX)
             .min(max);
-        buf.resize(want, 0);
-        let mut filled = 0;
-        while filled < want {
-            match self.file.read(&mut buf[filled..]) {
-                Ok(0) => {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: message cut short",
-                        self.path.display()
-                    )));
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(classify("cannot read", &self.path, e)),
-            }
+        // `read_to_end` fills the spare capacity without zeroing it first (the
+        // buffer is reused for every chunk of a delivery).
+        buf.reserve_exact(want);
+        let got = (&mut self.file)
+            .take(want as u64)
+            .read_to_end(buf)
+            .map_err(|e| classify("cannot read", &self.path, e))?;
+        if got < want {
+            return Err(StoreError::Corrupt(format!(
+                "{}: message cut short",
+                self.path.display()
+            )));
         }
         self.crc.update(buf);
         self.remaining -= want as u64;
@@ -856,6 +1018,33 @@ impl MessageReader {
 mod tests {
     use super::*;
 
+    #[test]
+    fn prepend_in_memory_and_after_spill() {
+        for spill_at in [None, Some(10usize), Some(3_000_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (queue, _) = Queue::open(dir.path(), SyncMethod::Fsync).unwrap();
+            let mut w = queue.writer(&envelope("0001")).unwrap();
+            let body: Vec<u8> = (0..2_500_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut expect = b"DKIM: x\r\n".to_vec();
+            for (i, piece) in body.chunks(100_000).enumerate() {
+                w.push(piece);
+                if spill_at.is_some_and(|at| i * 100_000 >= at) {
+                    w.spill().unwrap();
+                }
+            }
+            w.prepend(b"DKIM: x\r\n").unwrap();
+            expect.extend_from_slice(&body);
+            assert!(
+                queue
+                    .commit_batch(&mut [&mut w])
+                    .into_iter()
+                    .all(|r| r.is_ok())
+            );
+            let (_, reader) = queue.open_for_delivery("0001").unwrap().unwrap();
+            assert!(reader.read_all().unwrap() == expect, "{spill_at:?}");
+        }
+    }
+
     fn envelope(id: &str) -> Envelope {
         Envelope {
             id: id.into(),
@@ -866,6 +1055,7 @@ mod tests {
             is_bounce: false,
             body: BodyType::EightBitMime,
             smtputf8: false,
+            dsn: Default::default(),
         }
     }
 
@@ -879,6 +1069,41 @@ mod tests {
 
     fn open(dir: &Path) -> (Queue, OpenReport) {
         Queue::open(dir, SyncMethod::Syncfs).unwrap()
+    }
+
+    #[test]
+    fn envelopes_without_dsn_fields_load_and_dsn_fields_round_trip() {
+        let old = r#"{"id":"Q1","from":"a@b.example","recipients":["c@d.example"],"received_at":"2026-01-01T00:00:00Z","login":null}"#;
+        let e: Envelope = serde_json::from_str(old).unwrap();
+        assert!(e.dsn.is_empty());
+        assert!(!serde_json::to_string(&e).unwrap().contains("dsn"));
+        let st: QueueRecipient = serde_json::from_str(
+            r#"{"address":"c@d.example","status":"delivered","last_reply":null}"#,
+        )
+        .unwrap();
+        assert!(!st.relayed && !st.bounced);
+
+        let mut e = e;
+        e.dsn.ret = Some(DsnRet::Hdrs);
+        e.dsn.envid = Some("id 1".into());
+        e.dsn.recipients.push(RecipientDsn {
+            address: "c@d.example".into(),
+            notify: Some(DsnNotify::try_from("failure,success".to_string()).unwrap()),
+            orcpt: Some("C@d.example".into()),
+        });
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["dsn"]["ret"], "HDRS");
+        assert_eq!(json["dsn"]["recipients"][0]["notify"], "SUCCESS,FAILURE");
+        let back: Envelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(
+            back.dsn.notify("C@D.example").map(|n| n.failure),
+            Some(true)
+        );
+        for bad in ["NEVER,SUCCESS", "SOMETIMES", ""] {
+            assert!(DsnNotify::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+        assert!(DsnNotify::try_from("never".to_string()).unwrap().is_never());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct TestDns {
     addr: SocketAddr,
     origin: Name,
     zone: Arc<Zone>,
+    /// More zones served by the same server (see [`TestDns::start_zones_on`]).
+    extra: Vec<(Name, Arc<Zone>)>,
     handle: Handle,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -57,11 +59,35 @@ impl TestDns {
     /// Start a server for `zone` (e.g. `"example"` or `"example."`) on 127.0.0.1:<free port>.
     /// The zone starts with only its SOA and NS records.
     pub fn start(zone: &str) -> TestDns {
-        let origin = Name::from_ascii(format!("{}.", zone.trim_end_matches('.')))
-            .unwrap_or_else(|e| panic!("TestDns: bad zone name {zone:?}: {e}"));
+        TestDns::start_bound(&[zone], None)
+    }
+
+    /// Like [`TestDns::start`], on port 53 of `ip` (UDP and TCP): where a resolver that
+    /// knows no port numbers (resolv.conf, NS records) finds it. Needs root; pick a
+    /// loopback address of your own (any 127.x.y.z) so tests do not collide.
+    pub fn start_on(zone: &str, ip: Ipv4Addr) -> TestDns {
+        TestDns::start_bound(&[zone], Some(SocketAddr::from((ip, 53))))
+    }
+
+    /// Like [`TestDns::start_on`], serving several zones, as a recursive resolver answers
+    /// for any. Names are relative to the first zone; give names in the others fully
+    /// qualified (`"ns.other.example."`): each change goes to the zone that holds the name.
+    pub fn start_zones_on(zones: &[&str], ip: Ipv4Addr) -> TestDns {
+        TestDns::start_bound(zones, Some(SocketAddr::from((ip, 53))))
+    }
+
+    fn start_bound(zones: &[&str], bind: Option<SocketAddr>) -> TestDns {
+        let origins: Vec<Name> = zones
+            .iter()
+            .map(|zone| {
+                Name::from_ascii(format!("{}.", zone.trim_end_matches('.')))
+                    .unwrap_or_else(|e| panic!("TestDns: bad zone name {zone:?}: {e}"))
+            })
+            .collect();
+        let origin = origins.first().cloned().expect("TestDns: no zone");
         let (ready_tx, ready_rx) = mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let thread_origin = origin.clone();
+        let thread_origins = origins.clone();
         let thread = std::thread::Builder::new()
             .name(format!("test-dns-{origin}"))
             .spawn(move || {
@@ -70,19 +96,26 @@ impl TestDns {
                     .build()
                     .expect("TestDns: tokio runtime");
                 rt.block_on(async move {
-                    let zone = Arc::new(new_zone(&thread_origin));
                     let mut catalog = Catalog::new();
-                    catalog.upsert(
-                        LowerName::new(&thread_origin),
-                        vec![zone.clone() as Arc<dyn ZoneHandler>],
-                    );
-                    let (udp, tcp) = bind_same_port().await;
+                    let mut zones = Vec::new();
+                    for origin in &thread_origins {
+                        let zone = Arc::new(new_zone(origin));
+                        catalog.upsert(
+                            LowerName::new(origin),
+                            vec![zone.clone() as Arc<dyn ZoneHandler>],
+                        );
+                        zones.push(zone);
+                    }
+                    let (udp, tcp) = match bind {
+                        None => bind_same_port().await,
+                        Some(addr) => bind_exactly(addr).await,
+                    };
                     let addr = udp.local_addr().expect("TestDns: local_addr");
                     let mut server = Server::new(catalog);
                     server.register_socket(udp);
                     server.register_listener(tcp, Duration::from_secs(5), 32);
                     ready_tx
-                        .send((addr, zone, Handle::current()))
+                        .send((addr, zones, Handle::current()))
                         .expect("TestDns: start() went away");
                     // Serve until stop()/drop (or until the TestDns is gone).
                     let _ = shutdown_rx.await;
@@ -91,11 +124,17 @@ impl TestDns {
                 // Dropping the runtime aborts anything left and closes the sockets.
             })
             .expect("TestDns: spawn thread");
-        let (addr, zone, handle) = ready_rx.recv().expect("TestDns: server thread failed");
+        let (addr, mut zones, handle) = ready_rx.recv().expect("TestDns: server thread failed");
+        let extra = origins
+            .into_iter()
+            .skip(1)
+            .zip(zones.split_off(1))
+            .collect();
         TestDns {
             addr,
             origin,
-            zone,
+            zone: zones.remove(0),
+            extra,
             handle,
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
@@ -121,7 +160,7 @@ impl TestDns {
     pub fn set_txt(&self, name: &str, strings: &[&str]) {
         let name = self.name(name);
         let rdata = txt(strings);
-        self.edit(move |records| {
+        self.edit(name.clone(), move |records| {
             remove_name(records, &name);
             insert(records, &name, rdata);
         });
@@ -131,7 +170,7 @@ impl TestDns {
     pub fn add_txt(&self, name: &str, strings: &[&str]) {
         let name = self.name(name);
         let rdata = txt(strings);
-        self.edit(move |records| {
+        self.edit(name.clone(), move |records| {
             records.remove(&RrKey::new(LowerName::new(&name), RecordType::CNAME));
             insert(records, &name, rdata);
         });
@@ -142,7 +181,7 @@ impl TestDns {
     pub fn set_cname(&self, name: &str, target: &str) {
         let name = self.name(name);
         let target = self.name(target);
-        self.edit(move |records| {
+        self.edit(name.clone(), move |records| {
             remove_name(records, &name);
             insert(records, &name, RData::CNAME(CNAME(target)));
         });
@@ -151,16 +190,33 @@ impl TestDns {
     /// Replace every record at `name` by one A record: the name exists, without TXT.
     pub fn set_a(&self, name: &str, ip: Ipv4Addr) {
         let name = self.name(name);
-        self.edit(move |records| {
+        self.edit(name.clone(), move |records| {
             remove_name(records, &name);
             insert(records, &name, RData::A(A(ip)));
+        });
+    }
+
+    /// Replace the zone's NS set by these server names (relative to the zone or fully
+    /// qualified); give them addresses with [`TestDns::set_a`].
+    pub fn set_ns(&self, servers: &[&str]) {
+        let origin = self.origin.clone();
+        let servers: Vec<Name> = servers.iter().map(|s| self.name(s)).collect();
+        self.edit(origin.clone(), move |records| {
+            records.remove(&RrKey::new(LowerName::new(&origin), RecordType::NS));
+            for ns in servers {
+                insert(
+                    records,
+                    &origin,
+                    RData::NS(hickory_server::proto::rr::rdata::NS(ns)),
+                );
+            }
         });
     }
 
     /// Remove every record at `name` (it then answers NXDOMAIN, unless it has children).
     pub fn remove(&self, name: &str) {
         let name = self.name(name);
-        self.edit(move |records| remove_name(records, &name));
+        self.edit(name.clone(), move |records| remove_name(records, &name));
     }
 
     /// Shut the server down (same as dropping it): its sockets are closed when this returns.
@@ -208,7 +264,12 @@ impl TestDns {
 
     /// Run `f` on the zone's records (under the zone's write lock) on the server's runtime
     /// and wait for it. Works from sync code and from inside any tokio runtime.
-    fn edit(&self, f: impl FnOnce(&mut BTreeMap<RrKey, Arc<RecordSet>>) + Send + 'static) {
+    /// The zone is the one that holds `at` (the first zone when none does).
+    fn edit(
+        &self,
+        at: Name,
+        f: impl FnOnce(&mut BTreeMap<RrKey, Arc<RecordSet>>) + Send + 'static,
+    ) {
         let job: Job = Box::new(move |zone: Arc<Zone>| {
             Box::pin(async move {
                 let mut records = zone.records_mut().await;
@@ -216,7 +277,11 @@ impl TestDns {
             })
         });
         let (done_tx, done_rx) = mpsc::channel();
-        let zone = self.zone.clone();
+        let zone = self
+            .extra
+            .iter()
+            .find(|(origin, _)| origin.zone_of(&at))
+            .map_or_else(|| self.zone.clone(), |(_, zone)| zone.clone());
         self.handle.spawn(async move {
             job(zone).await;
             let _ = done_tx.send(());
@@ -284,6 +349,17 @@ fn insert(records: &mut BTreeMap<RrKey, Arc<RecordSet>>, name: &Name, rdata: RDa
 fn remove_name(records: &mut BTreeMap<RrKey, Arc<RecordSet>>, name: &Name) {
     let lower = LowerName::new(name);
     records.retain(|key, _| key.name != lower);
+}
+
+/// Bind UDP and TCP to exactly `addr`.
+async fn bind_exactly(addr: SocketAddr) -> (UdpSocket, TcpListener) {
+    let udp = UdpSocket::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("TestDns: bind UDP {addr}: {e} (port 53 needs root)"));
+    let tcp = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("TestDns: bind TCP {addr}: {e} (port 53 needs root)"));
+    (udp, tcp)
 }
 
 /// Bind UDP to 127.0.0.1:0, then TCP to the same port; retry when that port is taken.

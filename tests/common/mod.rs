@@ -110,11 +110,25 @@ impl Sink {
     /// Starts on a given port and directory: a restarted upstream keeps its
     /// address and what it already stored.
     pub fn start_at(port: u16, dir: &Path) -> Sink {
+        Sink::spawn(port, dir, &[])
+    }
+
+    /// A sink that advertises DSN (RFC 3461) and takes its parameters.
+    pub fn start_dsn() -> Sink {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("messages");
+        let mut sink = Sink::spawn(free_port(), &dir, &["dsn"]);
+        sink._tmp = Some(tmp);
+        sink
+    }
+
+    fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Sink {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/common/sink.py");
         let mut child = Command::new(PYTHON)
             .arg(&script)
             .arg(port.to_string())
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -220,12 +234,15 @@ impl Drop for Sink {
 #[derive(Clone)]
 pub struct RelayConfig {
     values: BTreeMap<(String, String), String>,
+    /// Extra environment for `domauth serve` (e.g. `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
 }
 
 impl RelayConfig {
     pub fn new(upstream_port: u16) -> RelayConfig {
         let mut c = RelayConfig {
             values: BTreeMap::new(),
+            env: Vec::new(),
         };
         let submission = free_port();
         let mut submissions = free_port();
@@ -265,6 +282,8 @@ impl RelayConfig {
             .set("queue", "retry_max", "\"2s\"")
             .set("queue", "probe_interval", "\"1s\"")
             .set("limits", "auth_failure_delay", "\"100ms\"")
+            // Many relays run at once: none takes the default metrics port.
+            .set("metrics", "listen", "[]")
             // The panel and API (SPEC §8) on a free port: the default 8025 would be shared.
             .set(
                 "panel",
@@ -279,6 +298,12 @@ impl RelayConfig {
             (section.to_string(), key.to_string()),
             toml_value.to_string(),
         );
+        self
+    }
+
+    /// Sets an environment variable for the relay process.
+    pub fn env(&mut self, name: &str, value: &str) -> &mut RelayConfig {
+        self.env.push((name.to_string(), value.to_string()));
         self
     }
 
@@ -377,6 +402,7 @@ impl Relay {
             .args(["serve", "--config"])
             .arg(self.config_path())
             .current_dir(self.dir.path())
+            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -419,6 +445,12 @@ impl Relay {
             panic!("domauth did not stop on SIGTERM:\n{}", self.log());
         }
         status.and_then(|s| s.code())
+    }
+
+    /// Sends `kill -SIGNAL` (e.g. "HUP") to the running relay.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the relay runs");
+        send_signal(child, signal);
     }
 
     /// Kills the relay with SIGKILL: no chance to flush anything.

@@ -121,6 +121,19 @@ impl RawClient {
         }
     }
 
+    /// The DER of the certificate the server presented (TLS sessions only;
+    /// after the handshake, i.e. after the first reply).
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match self.stream.as_ref()? {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+        }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         let io = self.stream.as_mut().expect("open").io();
         io.write_all(bytes).expect("send");

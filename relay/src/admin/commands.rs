@@ -56,9 +56,14 @@ pub enum Command {
         hosting: String,
         yes: bool,
     },
+    DomainDkimRotate {
+        domain: String,
+        hosting: String,
+    },
     AccountAdd {
         addresses: Vec<String>,
         hosting: String,
+        mailboxes: Vec<String>,
     },
     AccountList {
         hosting: String,
@@ -148,6 +153,59 @@ fn print_domain_detail(d: &Value) {
     }
     if let Some(n) = d.get("accounts") {
         println!("Accounts:     {n}");
+    }
+    for line in super::dns_report::text_lines(d) {
+        println!("{line}");
+    }
+    print_dkim(d);
+}
+
+/// The DKIM part of a domain for a person (SPEC §9): status and the records to publish.
+fn print_dkim(d: &Value) {
+    let k = &d["dkim"];
+    if k.is_null() {
+        return;
+    }
+    println!();
+    println!("DKIM:         {}", s(k, "status"));
+    println!("DKIM check:   {}", s(k, "last_check"));
+    if !k["last_error"].is_null() {
+        println!("DKIM error:   {}", s(k, "last_error"));
+    }
+    match &k["signing"] {
+        Value::Null => {
+            println!("Signing:      not yet (signs once the domain and these records are verified)")
+        }
+        v => println!(
+            "Signing:      with selectors {} and {}",
+            s(v, "ed25519"),
+            s(v, "rsa")
+        ),
+    }
+    if k["enabled"] == Value::Bool(false) {
+        println!("              (signing is off: [deliverability] dkim = false)");
+    }
+    let records: Vec<&Value> = k["records"].as_array().into_iter().flatten().collect();
+    if records.is_empty() {
+        return;
+    }
+    println!("DKIM records to publish (TXT):");
+    for r in records {
+        println!("  {}  TXT  \"{}\"", s(r, "name"), s(r, "value"));
+    }
+    println!("  A TXT string holds at most 255 bytes: DNS panels usually split a long value");
+    println!("  themselves; in a zone file write it as several quoted strings on one line:");
+    for r in k["records"].as_array().into_iter().flatten() {
+        let strings: Vec<String> = r["strings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|p| format!("\"{p}\""))
+            .collect();
+        if strings.len() > 1 {
+            println!("  {} IN TXT ( {} )", s(r, "name"), strings.join(" "));
+        }
     }
 }
 
@@ -288,6 +346,7 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 println!("To prove that you control {d}, publish this DNS record:");
                 println!();
                 println!("  {}", record_line(&v));
+                print_dkim(&v);
                 println!();
                 println!("DNS changes can take from a few minutes to a few hours to propagate.");
                 println!("The record is checked automatically; to check it now, run:");
@@ -341,6 +400,19 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 }
             }
         }
+        DomainDkimRotate { domain, hosting } => {
+            let path = format!("{}/dkim-rotate", domain_path(&hosting, &domain));
+            let v = client.call(Method::POST, &path, None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                println!(
+                    "New DKIM keys for {}: publish the records below; the current keys sign until they are verified.",
+                    s(&v, "domain")
+                );
+                print_dkim(&v);
+            }
+        }
         DomainVerify { domain, hosting } => {
             let path = format!("{}/verify", domain_path(&hosting, &domain));
             let v = client.call(Method::POST, &path, None).await?;
@@ -357,6 +429,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                     s(&v["check"], "outcome")
                 );
                 println!("expected: {}", record_line(&v));
+                for line in super::dns_report::server_lines(&v) {
+                    println!("{line}");
+                }
             }
             return Ok(Done { ok: found });
         }
@@ -392,19 +467,19 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 );
             }
         }
-        AccountAdd { addresses, hosting } => {
+        AccountAdd {
+            addresses,
+            hosting,
+            mailboxes,
+        } => {
             let path = format!("/hostings/{}/accounts", segment(&hosting));
-            let v = client
-                .call(Method::POST, &path, Some(json!({ "addresses": addresses })))
-                .await?;
+            let body = json!({ "addresses": addresses, "mailboxes": mailboxes });
+            let v = client.call(Method::POST, &path, Some(body)).await?;
             if as_json {
                 print_json(&v);
             } else {
                 for a in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{} may now be used as sender by every mailbox of {hosting}",
-                        s(a, "address")
-                    );
+                    println!("{}", account_granted(a, &hosting));
                 }
             }
         }
@@ -418,7 +493,12 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                 print_json(&v);
             } else {
                 for a in v.as_array().into_iter().flatten() {
-                    println!("{}\t{}", s(a, "address"), s(a, "created_at"));
+                    println!(
+                        "{}\t{}\t{}",
+                        s(a, "address"),
+                        s(a, "created_at"),
+                        account_scope(a)
+                    );
                 }
             }
         }
@@ -491,6 +571,9 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<Do
                         s(r, "last_reply")
                     );
                 }
+                if v["dsn"].as_object().is_some_and(|o| !o.is_empty()) {
+                    println!("{:13} {}", "dsn", v["dsn"]);
+                }
             }
         }
         QueueRetry { id } => {
@@ -544,4 +627,46 @@ fn join(v: &Value) -> String {
         .filter_map(Value::as_str)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Who may use an account (SPEC §9 wider grants), from its JSON.
+fn account_scope(a: &Value) -> String {
+    let mailboxes: Vec<&str> = a["mailboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let who = if mailboxes.is_empty() {
+        "every mailbox".to_string()
+    } else {
+        format!("only {}", mailboxes.join(", "))
+    };
+    if a["wildcard"] == true {
+        format!("whole domain {}, {who}", s(a, "domain"))
+    } else {
+        who
+    }
+}
+
+fn account_granted(a: &Value, hosting: &str) -> String {
+    let mailboxes: Vec<&str> = a["mailboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let what = if a["wildcard"] == true {
+        format!("every address of {}", s(a, "domain"))
+    } else {
+        s(a, "address")
+    };
+    if mailboxes.is_empty() {
+        format!("{what} may now be used as sender by every mailbox of {hosting}")
+    } else {
+        format!(
+            "{what} may now be used as sender by {} (hosting {hosting})",
+            mailboxes.join(", ")
+        )
+    }
 }

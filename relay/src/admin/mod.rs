@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod commands;
+pub mod dns_report;
 pub mod server;

@@ -13,14 +13,17 @@ use axum::{
     routing::{get, post, put},
 };
 use chrono::Utc;
-use domauth_store::{Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError, normalize_domain};
+use domauth_store::{
+    AuthorizedAccount, AuthorizedDomain, Hosting, Mailbox, Queue, QueuedMessage, Store, StoreError,
+    normalize_domain,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{net::UnixListener, sync::watch};
 
 use crate::{
     logsafe::Escaped,
-    ops::{DomainView, OpError, Ops, account_json, ts},
+    ops::{OpError, Ops, ts},
     queue::QueueHandle,
     smtp::auth::hash_password,
     verify::Verifier,
@@ -35,6 +38,10 @@ pub struct AdminState {
     /// `retry` and `delete`).
     pub queue: Queue,
     pub scheduler: QueueHandle,
+    /// Where passwords come from: `explain` finds the login's hosting by it.
+    pub passwords: crate::passwords::Backend,
+    /// DKIM keys of authorized domains (SPEC §9).
+    pub dkim: Arc<crate::dkim_keys::DkimKeys>,
     /// The domain, account and explain operations, shared with the panel and the API.
     pub ops: Ops,
 }
@@ -113,6 +120,10 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::delete(delete_account),
         )
         .route(
+            "/hostings/{name}/domains/{domain}/dkim-rotate",
+            post(rotate_dkim),
+        )
+        .route(
             "/hostings/{name}/tokens",
             post(issue_token).delete(revoke_tokens),
         )
@@ -177,6 +188,39 @@ fn mailbox_json(m: &Mailbox) -> Value {
     json!({ "address": m.address, "hosting": m.hosting, "created_at": ts(Some(m.created_at)) })
 }
 
+fn account_json(a: &AuthorizedAccount) -> Value {
+    let mut v = json!({ "address": a.address, "domain": a.domain, "hosting": a.hosting, "created_at": ts(Some(a.created_at)) });
+    // SPEC §9 wider grants: `mailboxes` only when restricted; `*@domain` is the
+    // whole-domain grant.
+    if !a.mailboxes.is_empty() {
+        v["mailboxes"] = json!(a.mailboxes);
+    }
+    if a.is_wildcard() {
+        v["wildcard"] = json!(true);
+    }
+    v
+}
+
+fn domain_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
+    let mut v = domain_base_json(verifier, d);
+    super::dns_report::add_json(&mut v, d);
+    v
+}
+
+fn domain_base_json(verifier: &Verifier, d: &AuthorizedDomain) -> Value {
+    json!({
+        "domain": d.domain,
+        "hosting": d.hosting,
+        "status": d.status.to_string(),
+        "record": { "name": verifier.record_name(&d.domain), "type": "TXT", "value": d.token },
+        "last_check": ts(d.last_check),
+        "last_error": d.last_error,
+        "record_missing_since": ts(d.record_missing_since),
+        "created_at": ts(Some(d.created_at)),
+        "verified_at": ts(d.verified_at),
+    })
+}
+
 fn queue_json(m: &QueuedMessage) -> Value {
     let (e, st) = (&m.envelope, &m.state);
     json!({
@@ -196,6 +240,8 @@ fn queue_json(m: &QueuedMessage) -> Value {
         "bounce": e.is_bounce,
         "body": e.body,
         "smtputf8": e.smtputf8,
+        // RFC 3461 parameters as given (RET, ENVID, NOTIFY/ORCPT per recipient).
+        "dsn": e.dsn,
     })
 }
 
@@ -328,47 +374,113 @@ async fn add_domain(
     UrlPath(hosting): UrlPath<String>,
     Json(req): Json<NewDomain>,
 ) -> ApiResult {
-    Ok(Json(s.ops.add_domain(&hosting, &req.domain)?.to_json()))
+    let token =
+        crate::verify::new_token().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let d = s.store.add_domain(&hosting, &req.domain, &token)?;
+    s.verifier.track(&d);
+    crate::metrics::domain_status(None, Some(d.status));
+    tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "admin");
+    if let Err(e) = s.dkim.ensure(&d.hosting, &d.domain).await {
+        // The domain is added; the background task makes the keys later.
+        tracing::error!(error = %e, domain = %Escaped(&d.domain), "cannot make DKIM keys");
+    }
+    Ok(Json(with_dkim(&s, domain_json(&s.verifier, &d), &d)?))
 }
 
 async fn list_domains(State(s): State<AdminState>, UrlPath(hosting): UrlPath<String>) -> ApiResult {
-    let list = s.ops.list_domains(&hosting)?;
-    Ok(Json(Value::Array(
-        list.iter().map(|d| d.to_json()).collect(),
-    )))
+    let list: Vec<Value> = s
+        .store
+        .domains(&hosting)?
+        .iter()
+        .map(|d| with_dkim(&s, domain_json(&s.verifier, d), d))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(Value::Array(list)))
+}
+
+fn domain_key(domain: &str) -> Result<String, ApiError> {
+    Ok(normalize_domain(domain)?)
 }
 
 async fn show_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    Ok(Json(s.ops.domain(&hosting, &domain)?.to_json()))
+    let domain = domain_key(&domain)?;
+    let d = s
+        .store
+        .domain(&hosting, &domain)?
+        .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
+    let mut v = with_dkim(&s, domain_json(&s.verifier, &d), &d)?;
+    v["accounts"] = json!(s.store.account_count(&hosting, &domain)?);
+    Ok(Json(v))
 }
 
 async fn verify_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let (d, outcome) = s.ops.verify(&hosting, &domain).await?;
-    Ok(Json(verify_json(&d, &outcome)))
-}
-
-/// The domain after a check, with this check's outcome (`check`).
-pub fn verify_json(d: &DomainView, outcome: &CheckOutcome) -> Value {
-    let mut v = d.to_json();
+    let domain = domain_key(&domain)?;
+    let (d, outcome) = s
+        .verifier
+        .check(&hosting, &domain)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .ok_or_else(|| not_found(format!("{domain} is not a domain of hosting {hosting}")))?;
+    // The DKIM records are checked with the validation record; their outcome is in
+    // `dkim` and does not change this command's result (SPEC §2.5).
+    if let Err(e) = s.dkim.check(&hosting, &domain).await {
+        tracing::error!(error = %e, domain = %Escaped(&domain), "DKIM check failed");
+    }
+    let mut v = with_dkim(&s, domain_json(&s.verifier, &d), &d)?;
     v["check"] = json!({
         "found": matches!(outcome, CheckOutcome::Verified),
         "outcome": outcome.to_string(),
     });
-    v
+    Ok(Json(v))
+}
+
+/// Adds the domain's `dkim` object (public records and state; no private key).
+fn with_dkim(s: &AdminState, mut v: Value, d: &AuthorizedDomain) -> Result<Value, ApiError> {
+    let dkim = s
+        .dkim
+        .get(&d.hosting, &d.domain)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    v["dkim"] = crate::dkim_keys::dkim_json(dkim.as_ref(), s.dkim.signing_enabled);
+    Ok(v)
+}
+
+/// `domain dkim-rotate`: a new selector pair to publish; the old keys sign until the
+/// new records are verified.
+async fn rotate_dkim(
+    State(s): State<AdminState>,
+    UrlPath((hosting, domain)): UrlPath<(String, String)>,
+) -> ApiResult {
+    let domain = domain_key(&domain)?;
+    let missing = || not_found(format!("{domain} is not a domain of hosting {hosting}"));
+    let d = s.store.domain(&hosting, &domain)?.ok_or_else(missing)?;
+    // A domain whose first keys are still being made gets them now.
+    s.dkim
+        .ensure(&hosting, &domain)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .ok_or_else(missing)?;
+    s.dkim
+        .rotate(&hosting, &domain)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .ok_or_else(missing)?;
+    Ok(Json(with_dkim(&s, domain_json(&s.verifier, &d), &d)?))
 }
 
 async fn delete_domain(
     State(s): State<AdminState>,
     UrlPath((hosting, domain)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let domain = normalize_domain(&domain)?;
-    let accounts = s.ops.delete_domain(&hosting, &domain)?;
+    let domain = domain_key(&domain)?;
+    let status = s.store.domain(&hosting, &domain)?.map(|d| d.status);
+    let accounts = s.store.delete_domain(&hosting, &domain)?;
+    crate::metrics::domain_status(status, None);
+    tracing::info!(event = "domain_deleted", hosting = %Escaped(&hosting), domain = %Escaped(&domain), accounts, "admin");
     Ok(Json(
         json!({ "domain": domain, "accounts_deleted": accounts }),
     ))
@@ -377,6 +489,9 @@ async fn delete_domain(
 #[derive(Deserialize)]
 struct NewAccounts {
     addresses: Vec<String>,
+    /// Restricts the new accounts to these mailboxes of the hosting (SPEC §9).
+    #[serde(default)]
+    mailboxes: Vec<String>,
 }
 
 /// Adds each address; stops at the first refusal and reports which ones
@@ -391,8 +506,14 @@ async fn add_accounts(
     }
     let mut added = Vec::new();
     for address in &req.addresses {
-        match s.ops.add_account(&hosting, address) {
-            Ok(a) => added.push(account_json(&a)),
+        match s
+            .store
+            .add_account_restricted(&hosting, address, &req.mailboxes)
+        {
+            Ok(a) => {
+                tracing::info!(event = "account_added", hosting = %Escaped(&hosting), account = %Escaped(&a.address), "admin");
+                added.push(account_json(&a));
+            }
             Err(e) => {
                 let ApiError(status, msg) = ApiError::from(e);
                 let msg = if added.is_empty() {

@@ -3,6 +3,10 @@
 //! and per login, 454 past the threshold) and a cache of recent successful
 //! logins so a busy client does not pay Argon2 on every session (as Dovecot's
 //! auth cache does).
+//!
+//! The password itself is checked by the configured backend (`crate::passwords`:
+//! the store's mailboxes here, Dovecot, or a passwd-file); the limiter, the
+//! failure delay and the hosting-by-domain rule are applied here for all.
 
 use std::{
     collections::HashMap,
@@ -12,12 +16,16 @@ use std::{
 };
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
-use domauth_store::{Store, normalize_address};
+use domauth_store::{Store, domain_of, normalize_address};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::session::AuthResult;
-use crate::{logsafe::Escaped, policy::Login};
+use crate::{
+    logsafe::Escaped,
+    passwords::{Backend, Verdict, passwd_file::PasswdFile},
+    policy::Login,
+};
 
 /// Credentials from a SASL exchange. `Debug` never prints the password.
 #[derive(Clone)]
@@ -179,6 +187,8 @@ pub struct AuthSettings {
     pub window: Duration,
     pub failure_delay: Duration,
     pub cache_ttl: Duration,
+    /// Where passwords come from (`[auth] backend`).
+    pub passwords: Backend,
 }
 
 pub struct Authenticator {
@@ -234,11 +244,33 @@ impl Authenticator {
     /// A live cache entry for these credentials, valid only while the
     /// mailbox still has the password hash it was verified against.
     fn cached(&self, id: &[u8; 32], mailbox: Option<&domauth_store::Mailbox>) -> Option<Login> {
-        let mailbox = mailbox?;
+        self.cached_for_hash(id, mailbox.map(|m| m.password_hash.as_str()))
+    }
+
+    /// The same for any backend that shows us the hash (a passwd-file).
+    fn cached_for_hash(&self, id: &[u8; 32], hash: Option<&str>) -> Option<Login> {
+        let hash = hash?;
         let cache = lock(&self.cache);
         let entry = cache.get(id)?;
-        (entry.expires > Instant::now() && entry.phc == mailbox.password_hash)
-            .then(|| entry.login.clone())
+        (entry.expires > Instant::now() && entry.phc == hash).then(|| entry.login.clone())
+    }
+
+    fn remember(&self, id: [u8; 32], login: Login, phc: String, now: Instant) {
+        let mut cache = lock(&self.cache);
+        if cache.len() >= 10_000 {
+            cache.retain(|_, e| e.expires > now);
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            id,
+            CacheEntry {
+                expires: now + self.settings.cache_ttl,
+                login,
+                phc,
+            },
+        );
     }
 
     /// Checks credentials; the outcome feeds [`super::session::Session::auth_result`].
@@ -252,6 +284,20 @@ impl Authenticator {
             // Also for a correct password: the attacker learns nothing.
             log_auth(AuthEvent::RateLimited, peer, &login);
             return AuthResult::RateLimited;
+        }
+        match &self.settings.passwords {
+            Backend::Store => {}
+            Backend::Dovecot(dovecot) => {
+                let verdict = dovecot
+                    .authenticate(&creds.login, &creds.password, peer)
+                    .await;
+                return self.conclude(verdict, peer, &login, &ip_key).await;
+            }
+            Backend::PasswdFile(file) => {
+                return self
+                    .with_passwd_file(file.clone(), peer, creds, &login, &ip_key)
+                    .await;
+            }
         }
 
         let mailbox = match self.store.mailbox(&login) {
@@ -294,38 +340,127 @@ impl Authenticator {
                     address: mailbox.address.clone(),
                     hosting: mailbox.hosting.clone(),
                 };
-                let mut cache = lock(&self.cache);
-                if cache.len() >= 10_000 {
-                    cache.retain(|_, e| e.expires > now);
-                    if cache.len() >= 10_000 {
-                        cache.clear();
-                    }
-                }
-                cache.insert(
-                    id,
-                    CacheEntry {
-                        expires: now + self.settings.cache_ttl,
-                        login: session_login.clone(),
-                        phc: mailbox.password_hash,
-                    },
-                );
+                self.remember(id, session_login.clone(), mailbox.password_hash, now);
                 log_auth(AuthEvent::Success { cached: false }, peer, &login);
                 AuthResult::Success(session_login)
             }
-            other => {
-                let now = Instant::now();
-                lock(&self.by_ip).record(&ip_key, now);
-                lock(&self.by_login).record(&login, now);
-                log_auth(
-                    AuthEvent::Failure {
-                        known_login: other.is_some(),
-                    },
-                    peer,
-                    &login,
-                );
-                tokio::time::sleep(self.settings.failure_delay).await;
-                AuthResult::Failed
+            other => self.failed(peer, &login, &ip_key, other.is_some()).await,
+        }
+    }
+
+    /// A wrong password or an unknown login: counted, logged, and answered
+    /// after the failure delay, the same way whichever backend said so.
+    async fn failed(&self, peer: IpAddr, login: &str, ip_key: &str, known: bool) -> AuthResult {
+        let now = Instant::now();
+        lock(&self.by_ip).record(ip_key, now);
+        lock(&self.by_login).record(login, now);
+        log_auth(AuthEvent::Failure { known_login: known }, peer, login);
+        tokio::time::sleep(self.settings.failure_delay).await;
+        AuthResult::Failed
+    }
+
+    /// SPEC §10: with every backend the hosting of a login is the hosting
+    /// that owns the login's domain. `Ok(None)`: no hosting owns it (or the
+    /// backend's user name is no address), refused like a wrong password.
+    fn session_login(&self, user: &str) -> Result<Option<Login>, ()> {
+        let Ok(address) = normalize_address(user) else {
+            return Ok(None);
+        };
+        match self.store.hosting_of_domain(domain_of(&address)) {
+            Ok(Some(hosting)) => Ok(Some(Login { address, hosting })),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::error!(error = %Escaped(&e.to_string()), "store error during AUTH");
+                Err(())
             }
+        }
+    }
+
+    /// The outcome of an external backend's verdict.
+    async fn conclude(
+        &self,
+        verdict: Verdict,
+        peer: IpAddr,
+        login: &str,
+        ip_key: &str,
+    ) -> AuthResult {
+        match verdict {
+            Verdict::Valid { user } => match self.session_login(&user) {
+                Ok(Some(session_login)) => {
+                    log_auth(AuthEvent::Success { cached: false }, peer, login);
+                    AuthResult::Success(session_login)
+                }
+                Ok(None) => {
+                    tracing::warn!(peer = %peer, login = %Escaped(login), user = %Escaped(&user), "AUTH refused: the login's domain belongs to no hosting");
+                    self.failed(peer, login, ip_key, false).await
+                }
+                Err(()) => AuthResult::TemporaryFailure,
+            },
+            Verdict::Invalid => self.failed(peer, login, ip_key, false).await,
+            Verdict::Unavailable(why) => {
+                // Not the client's fault: not counted against it.
+                tracing::error!(event = "auth_backend_unavailable", peer = %peer, error = %Escaped(&why), "AUTH: the password backend did not answer");
+                AuthResult::BackendUnavailable
+            }
+        }
+    }
+
+    /// `backend = "passwd-file"`: the file's hash is verified here, on the
+    /// blocking pool under the hashing limit, with the success cache keyed
+    /// to that hash (a changed password invalidates it at once). An unknown
+    /// login is verified against a dummy hash: it costs the same time.
+    async fn with_passwd_file(
+        &self,
+        file: Arc<PasswdFile>,
+        peer: IpAddr,
+        creds: SaslCredentials,
+        login: &str,
+        ip_key: &str,
+    ) -> AuthResult {
+        let key = login.to_string();
+        let entry = tokio::task::spawn_blocking(move || file.lookup(&key))
+            .await
+            .unwrap_or(None);
+        let id = self.cache_id(login, &creds.password);
+        let hash = entry.as_ref().map(|e| e.hash.as_str());
+        if let Some(hit) = self.cached_for_hash(&id, hash) {
+            log_auth(AuthEvent::Success { cached: true }, peer, login);
+            return AuthResult::Success(hit);
+        }
+        let Ok(permit) = self.hashing.acquire().await else {
+            return AuthResult::TemporaryFailure;
+        };
+        if let Some(hit) = self.cached_for_hash(&id, hash) {
+            log_auth(AuthEvent::Success { cached: true }, peer, login);
+            return AuthResult::Success(hit);
+        }
+        let password = creds.password;
+        let dummy = self.dummy_phc.clone();
+        let check = entry.clone();
+        let verified = tokio::task::spawn_blocking(move || match check {
+            Some(entry) => entry.verify(&password),
+            None => {
+                verify_password(&password, &dummy);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        drop(permit);
+        match (entry, verified) {
+            (Some(entry), true) => match self.session_login(login) {
+                Ok(Some(session_login)) => {
+                    self.remember(id, session_login.clone(), entry.hash, Instant::now());
+                    log_auth(AuthEvent::Success { cached: false }, peer, login);
+                    AuthResult::Success(session_login)
+                }
+                Ok(None) => {
+                    tracing::warn!(peer = %peer, login = %Escaped(login), "AUTH refused: the login's domain belongs to no hosting");
+                    self.failed(peer, login, ip_key, true).await
+                }
+                Err(()) => AuthResult::TemporaryFailure,
+            },
+            (entry, _) => self.failed(peer, login, ip_key, entry.is_some()).await,
         }
     }
 }

@@ -51,6 +51,7 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let _open = crate::metrics::session_opened(listener);
     let started = std::time::Instant::now();
     let mut session = Session::new(ctx.session.clone(), ctx.policy.clone(), listener, peer.ip());
     tracing::info!(event = "session_start", peer = %peer, listener = ?listener, "connection");
@@ -244,6 +245,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Action::Authenticate(creds) => {
                 write_out(io, &mut out).await?;
                 let result = ctx.auth.authenticate(session.peer, creds).await;
+                crate::metrics::auth(&result);
                 session.auth_result(result)
             }
             other => other,
@@ -288,6 +290,7 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<Option<Reply>> {
     let mut decoder = DataDecoder::new(ctx.session.max_message_size);
     let start = session.message_start();
+    let mail_at = start.as_ref().and_then(|s| s.envelope.mail_at);
     let mut message = match start.map(|start| {
         ctx.spool.incoming(
             start,
@@ -351,6 +354,7 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
         // The queue file could not even be started (or no transaction): the
         // transaction ends here, with a temporary error.
         let _ = session.data_received(decoder.finish(), None);
+        crate::metrics::message_refused(crate::metrics::Refusal::StorageError);
         return Ok(Some(reply::storage_error()));
     };
     let verdict = session.data_received(decoder.finish(), message.headers());
@@ -374,6 +378,7 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
     let (from, recipients) = (message.from().to_string(), message.recipients().len());
     match ctx.spool.commit(message).await {
         Ok(()) => {
+            crate::metrics::message_accepted(mail_at);
             tracing::info!(
                 event = "message_accepted",
                 id = %id,
@@ -387,6 +392,7 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             tracing::error!(event = "message_not_queued", id = %id, error = %e, "cannot store message");
+            crate::metrics::spool_failed(&e);
             Ok(Some(match e {
                 SpoolError::DiskFull(_) => reply::storage_full(),
                 SpoolError::Failed(_) => reply::storage_error(),

@@ -157,6 +157,14 @@ pub fn auth_temporary_failure() -> Reply {
     Reply::new(454, "4.7.0 Temporary authentication failure")
 }
 
+/// `[auth] backend = "dovecot"` and Dovecot is down or did not answer.
+pub fn auth_backend_unavailable() -> Reply {
+    Reply::new(
+        454,
+        "4.7.0 Temporary authentication failure: password service unavailable, try again later",
+    )
+}
+
 pub fn auth_required() -> Reply {
     Reply::new(530, "5.7.0 Authentication required")
 }
@@ -273,6 +281,11 @@ pub fn syntax_error(detail: &str) -> Reply {
 
 pub fn parameter_unsupported(param: &str) -> Reply {
     Reply::new(555, format!("5.5.4 Unsupported parameter {param}"))
+}
+
+/// A DSN parameter (RFC 3461) that is malformed once parsed.
+pub fn dsn_parameter_invalid(param: &str, why: &str) -> Reply {
+    Reply::new(501, format!("5.5.4 Invalid {param} parameter: {why}"))
 }
 
 pub fn smtputf8_unsupported() -> Reply {

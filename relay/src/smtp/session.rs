@@ -6,7 +6,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use domauth_store::normalize_address;
+use domauth_store::{DsnParams, RecipientDsn, normalize_address};
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
     MAIL_SMTPUTF8, Request,
@@ -34,10 +34,14 @@ pub struct SessionConfig {
 pub struct Envelope {
     /// Normalised reverse-path; empty for the null sender `<>`.
     pub from: String,
+    /// When MAIL FROM was accepted (the MAIL-to-250 latency metric).
+    pub mail_at: Option<std::time::Instant>,
     pub recipients: Vec<String>,
     pub smtputf8: bool,
     /// `BODY=8BITMIME` (RFC 6152): declared again when the message goes upstream.
     pub eight_bit: bool,
+    /// RET, ENVID and each recipient's NOTIFY / ORCPT (RFC 3461).
+    pub dsn: DsnParams,
 }
 
 /// What the socket side needs to receive a message, taken at the 354.
@@ -74,6 +78,8 @@ pub enum AuthResult {
     Failed,
     RateLimited,
     TemporaryFailure,
+    /// The password backend (Dovecot) is down or did not answer in time.
+    BackendUnavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,8 +212,16 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response.as_ref()),
-            Request::Mail { from } => self.mail(from.address.as_ref(), from.flags, from.size),
-            Request::Rcpt { to } => self.rcpt(to.address.as_ref()),
+            Request::Mail { from } => {
+                match crate::dsn::mail_params(from.flags, from.env_id.as_deref()) {
+                    Ok(dsn) => self.mail(from.address.as_ref(), from.flags, from.size, dsn),
+                    Err(e) => Action::Reply(reply::dsn_parameter_invalid(e.param, e.why)),
+                }
+            }
+            Request::Rcpt { to } => match crate::dsn::rcpt_params(to.flags, to.orcpt.as_deref()) {
+                Ok((notify, orcpt)) => self.rcpt(to.address.as_ref(), notify, orcpt),
+                Err(e) => Action::Reply(reply::dsn_parameter_invalid(e.param, e.why)),
+            },
             Request::Data => self.data(),
             Request::Rset => {
                 self.envelope = None;
@@ -245,6 +259,9 @@ impl Session {
         if self.config.smtputf8 {
             ext.push("SMTPUTF8".to_string());
         }
+        // RFC 3461: RET/ENVID/NOTIFY/ORCPT are always accepted; they go to a smarthost
+        // that offers DSN, and the relay honours them itself otherwise.
+        ext.push("DSN".to_string());
         Action::Reply(reply::ehlo(
             &self.config.hostname,
             self.helo.as_deref().unwrap_or(""),
@@ -355,11 +372,12 @@ impl Session {
             AuthResult::Failed => Action::Reply(reply::auth_failed()),
             AuthResult::RateLimited => Action::Reply(reply::auth_rate_limited()),
             AuthResult::TemporaryFailure => Action::Reply(reply::auth_temporary_failure()),
+            AuthResult::BackendUnavailable => Action::Reply(reply::auth_backend_unavailable()),
         };
         self.count_errors(action)
     }
 
-    fn mail(&mut self, address: &str, flags: u64, size: usize) -> Action {
+    fn mail(&mut self, address: &str, flags: u64, size: usize, dsn: DsnParams) -> Action {
         // RFC 4954 §6 / SPEC §4: 530 before anything else when not logged in.
         let Some(login) = &self.login else {
             return Action::Reply(reply::auth_required());
@@ -372,6 +390,7 @@ impl Session {
         }
         // RFC 1870 §6.3: refuse early when the declared size is too big.
         if size > self.config.max_message_size {
+            crate::metrics::message_refused(crate::metrics::Refusal::Size);
             return Action::Reply(reply::message_too_big());
         }
         if flags & MAIL_BODY_BINARYMIME != 0 {
@@ -392,6 +411,7 @@ impl Session {
             };
             let decision = self.policy.decide(login, &normalized);
             if !decision.allowed {
+                crate::metrics::message_refused(crate::metrics::Refusal::Sender);
                 // The sender is the client's text (normalised, but the
                 // log does not rely on what normalisation lets through).
                 tracing::info!(
@@ -407,14 +427,21 @@ impl Session {
         };
         self.envelope = Some(Envelope {
             from,
+            mail_at: Some(std::time::Instant::now()),
             recipients: Vec::new(),
             smtputf8,
             eight_bit: flags & MAIL_BODY_8BITMIME != 0,
+            dsn,
         });
         Action::Reply(reply::sender_ok())
     }
 
-    fn rcpt(&mut self, address: &str) -> Action {
+    fn rcpt(
+        &mut self,
+        address: &str,
+        notify: Option<domauth_store::DsnNotify>,
+        orcpt: Option<String>,
+    ) -> Action {
         let max = self.config.max_recipients;
         let Some(envelope) = &mut self.envelope else {
             return Action::Reply(reply::need_mail());
@@ -436,6 +463,13 @@ impl Session {
             .iter()
             .any(|r| r.eq_ignore_ascii_case(&address))
         {
+            if notify.is_some() || orcpt.is_some() {
+                envelope.dsn.recipients.push(RecipientDsn {
+                    address: address.clone(),
+                    notify,
+                    orcpt,
+                });
+            }
             envelope.recipients.push(address);
         }
         Action::Reply(reply::recipient_ok())
@@ -477,6 +511,7 @@ impl Session {
         let (Some(envelope), Some(login)) = (envelope, self.login.as_ref()) else {
             return Err(reply::need_mail());
         };
+        crate::metrics::data_outcome(&outcome);
         match outcome {
             DataOutcome::TooBig => return Err(reply::message_too_big()),
             DataOutcome::BareLineEnding => return Err(reply::bare_line_ending()),
@@ -484,11 +519,13 @@ impl Session {
             DataOutcome::Complete => {}
         }
         let Some(headers) = headers else {
+            crate::metrics::message_refused(crate::metrics::Refusal::HeaderTooLarge);
             return Err(reply::header_too_large());
         };
         match cleanup::check_headers(headers, login, self.policy.as_ref()) {
             HeaderVerdict::Accept => Ok(()),
             HeaderVerdict::Refuse { reply, reason } => {
+                crate::metrics::message_refused(crate::metrics::Refusal::Header);
                 // The reason quotes header addresses: the client's text.
                 tracing::info!(
                     event = "message_refused",
@@ -678,6 +715,72 @@ mod tests {
             }
             let a = send(&mut s, cmd);
             assert_eq!(code(&a), *expect, "{before:?} then {cmd}: {}", text(&a));
+        }
+    }
+
+    #[test]
+    fn dsn_parameters_are_kept_or_refused() {
+        let t = text(&send(&mut session(Listener::Submission), "EHLO c"));
+        assert!(t.contains("DSN"), "{t}");
+        let mut s = logged_in();
+        let a = send(
+            &mut s,
+            "MAIL FROM:<info@acme.test> RET=HDRS ENVID=QQ+2B1+20x",
+        );
+        assert_eq!(code(&a), 250, "{}", text(&a));
+        for line in [
+            "RCPT TO:<a@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2Bx@Dest.test",
+            "RCPT TO:<A@dest.test> NOTIFY=DELAY",
+            "RCPT TO:<b@dest.test> NOTIFY=NEVER",
+        ] {
+            assert_eq!(code(&send(&mut s, line)), 250, "{line}");
+        }
+        let start = s.message_start().unwrap();
+        let dsn = &start.envelope.dsn;
+        assert_eq!(dsn.ret, Some(domauth_store::DsnRet::Hdrs));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ+1 x"));
+        assert_eq!(
+            dsn.notify("a@dest.test").map(|n| n.to_string()).as_deref(),
+            Some("SUCCESS,FAILURE"),
+            "a duplicate recipient keeps its first parameters"
+        );
+        assert_eq!(
+            dsn.recipient("a@dest.test").unwrap().orcpt.as_deref(),
+            Some("A+x@Dest.test")
+        );
+        assert!(dsn.notify("b@dest.test").unwrap().is_never());
+        assert_eq!(dsn.recipients.len(), 2);
+        assert_eq!(start.envelope.recipients.len(), 2);
+
+        for (line, reply) in [
+            (
+                "MAIL FROM:<info@acme.test> RET=HDRS RET=FULL",
+                "501 5.5.4 Invalid RET parameter: given twice",
+            ),
+            (
+                "MAIL FROM:<info@acme.test> ENVID=a+0D+0AX:+20y",
+                "501 5.5.4 Invalid ENVID parameter: must be printable US-ASCII",
+            ),
+            (
+                "MAIL FROM:<info@acme.test> RET=SOME",
+                "501 5.5.4 Syntax error: invalid parameter RET",
+            ),
+        ] {
+            let mut s = logged_in();
+            assert_eq!(text(&send(&mut s, line)), reply, "{line}");
+        }
+        for (line, expect) in [
+            ("RCPT TO:<a@dest.test> NOTIFY=NEVER,SUCCESS", 501),
+            ("RCPT TO:<a@dest.test> NOTIFY=OFTEN", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=rfc822;", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=x400;a", 501),
+            ("RCPT TO:<a@dest.test> ORCPT=rfc822;a+0Ab", 501),
+        ] {
+            let mut s = logged_in();
+            send(&mut s, "MAIL FROM:<info@acme.test>");
+            let a = send(&mut s, line);
+            assert_eq!(code(&a), expect, "{line}: {}", text(&a));
+            assert!(text(&a).starts_with("501 5.5.4"), "{line}: {}", text(&a));
         }
     }
 
