@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    logsafe::Escaped, passwords::Backend, policy::Decision, verify::Verifier,
+    dkim_keys::DkimKeys, logsafe::Escaped, passwords::Backend, policy::Decision, verify::Verifier,
     verify_dns::CheckOutcome,
 };
 
@@ -79,6 +79,9 @@ pub struct DomainView {
     pub record: Record,
     /// How many authorized accounts it has.
     pub accounts: usize,
+    /// The `dkim` object of `domain show --json` (state and records to publish; never
+    /// a private key).
+    pub dkim: Value,
 }
 
 /// What adding one address as an account came to (the panel's and the
@@ -107,6 +110,8 @@ pub struct Ops {
     pub verifier: Arc<Verifier>,
     /// Where passwords come from: `explain` finds a login's hosting by it.
     pub passwords: Backend,
+    /// DKIM keys: made when a domain is added, checked with it (SPEC §9).
+    pub dkim: Arc<DkimKeys>,
 }
 
 /// RFC 3339 in seconds, UTC, or null.
@@ -135,6 +140,7 @@ impl DomainView {
             "created_at": ts(Some(d.created_at)),
             "verified_at": ts(d.verified_at),
             "accounts": self.accounts,
+            "dkim": self.dkim,
         });
         // Which servers answered what, and the SPF/DMARC advice (as `domain show --json`).
         crate::admin::dns_report::add_json(&mut v, d);
@@ -162,17 +168,28 @@ fn not_a_domain(hosting: &str, domain: &str) -> OpError {
 }
 
 impl Ops {
-    pub fn new(store: Store, verifier: Arc<Verifier>, passwords: Backend) -> Ops {
+    pub fn new(
+        store: Store,
+        verifier: Arc<Verifier>,
+        passwords: Backend,
+        dkim: Arc<DkimKeys>,
+    ) -> Ops {
         Ops {
             store,
             verifier,
             passwords,
+            dkim,
         }
     }
 
     fn view(&self, d: AuthorizedDomain) -> OpResult<DomainView> {
         let accounts = self.store.account_count(&d.hosting, &d.domain)?;
+        let dkim = self
+            .dkim
+            .get(&d.hosting, &d.domain)
+            .map_err(OpError::Internal)?;
         Ok(DomainView {
+            dkim: crate::dkim_keys::dkim_json(dkim.as_ref(), self.dkim.signing_enabled),
             record: Record {
                 name: self.verifier.record_name(&d.domain),
                 label: self.verifier.record_label().to_string(),
@@ -196,12 +213,18 @@ impl Ops {
             .collect()
     }
 
-    pub fn add_domain(&self, hosting: &str, domain: &str) -> OpResult<DomainView> {
+    /// Adds the domain as pending with a fresh token and makes its DKIM keys (RSA
+    /// generation runs off the async runtime).
+    pub async fn add_domain(&self, hosting: &str, domain: &str) -> OpResult<DomainView> {
         let token = crate::verify::new_token().map_err(OpError::Internal)?;
         let d = self.store.add_domain(hosting, domain, &token)?;
         self.verifier.track(&d);
         crate::metrics::domain_status(None, Some(d.status));
         tracing::info!(event = "domain_added", hosting = %Escaped(&d.hosting), domain = %Escaped(&d.domain), "domain added");
+        if let Err(e) = self.dkim.ensure(&d.hosting, &d.domain).await {
+            // The domain is added; the background task makes the keys later.
+            tracing::error!(error = %Escaped(e.as_str()), domain = %Escaped(&d.domain), "cannot make DKIM keys");
+        }
         self.view(d)
     }
 
@@ -227,6 +250,11 @@ impl Ops {
             .await
             .map_err(OpError::Internal)?
             .ok_or_else(|| not_a_domain(hosting, &domain))?;
+        // The DKIM records are checked with the validation record; their outcome is in
+        // `dkim` and does not change this check's result (SPEC §2.5).
+        if let Err(e) = self.dkim.check(hosting, &domain).await {
+            tracing::error!(error = %Escaped(e.as_str()), domain = %Escaped(&domain), "DKIM check failed");
+        }
         Ok((self.view(d)?, outcome))
     }
 
@@ -467,14 +495,15 @@ mod tests {
             std::time::Duration::from_secs(1),
         )
         .expect("dns");
-        let verifier = Verifier::new(store.clone(), dns, Default::default());
+        let verifier = Verifier::new(store.clone(), dns.clone(), Default::default());
+        let dkim = DkimKeys::new(store.clone(), dns, Default::default(), true);
         for (h, d) in [("acme", "acme.test"), ("beta", "beta.test")] {
             store.add_hosting(h, &[d.to_string()]).expect("hosting");
             store
                 .add_mailbox(&format!("info@{d}"), "$argon2id$x")
                 .expect("mailbox");
         }
-        (dir, Ops::new(store, verifier, Backend::Store))
+        (dir, Ops::new(store, verifier, Backend::Store, dkim))
     }
 
     fn verify_now(ops: &Ops, hosting: &str, domain: &str) {
@@ -512,10 +541,10 @@ mod tests {
         assert_eq!(ops.hosting_of_token(&t).unwrap(), None);
     }
 
-    #[test]
-    fn accounts_per_address_within_one_domain() {
+    #[tokio::test]
+    async fn accounts_per_address_within_one_domain() {
         let (_dir, ops) = ops();
-        ops.add_domain("acme", "partner.example").unwrap();
+        ops.add_domain("acme", "partner.example").await.unwrap();
         let pending = ops
             .add_accounts_to("acme", "partner.example", &["a@partner.example".into()])
             .unwrap();
@@ -570,10 +599,10 @@ mod tests {
         assert_eq!(ops.domain("acme", "partner.example").unwrap().accounts, 0);
     }
 
-    #[test]
-    fn explain_for_one_hosting_says_nothing_of_the_others() {
+    #[tokio::test]
+    async fn explain_for_one_hosting_says_nothing_of_the_others() {
         let (_dir, ops) = ops();
-        ops.add_domain("beta", "partner.example").unwrap();
+        ops.add_domain("beta", "partner.example").await.unwrap();
         verify_now(&ops, "beta", "partner.example");
         ops.add_account("beta", "sales@partner.example").unwrap();
         // The operator hears the truth...

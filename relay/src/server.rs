@@ -170,7 +170,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.deliverability.spf_include.clone(),
     );
     let verifier_task = tokio::spawn(verifier.clone().run(shutdown.clone()));
-    let ops = crate::ops::Ops::new(store.clone(), verifier.clone(), passwords.clone());
+    let ops = crate::ops::Ops::new(
+        store.clone(),
+        verifier.clone(),
+        passwords.clone(),
+        dkim_keys.clone(),
+    );
     let admin_task = admin::server::serve(
         &s.admin_socket,
         admin::server::AdminState {

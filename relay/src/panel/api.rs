@@ -155,7 +155,7 @@ struct NewDomain {
 
 async fn add_domain(State(s): State<PanelState>, Tenant(h): Tenant, raw: Bytes) -> ApiResult {
     let req: NewDomain = body(&raw)?;
-    let d = s.ops.add_domain(&h, &req.domain)?;
+    let d = s.ops.add_domain(&h, &req.domain).await?;
     Ok((StatusCode::CREATED, Json(d.to_json())).into_response())
 }
 

@@ -91,6 +91,10 @@ pub struct Row {
     pub record_name: String,
     pub record_label: String,
     pub record_value: String,
+    /// DKIM (SPEC §9): the records' state in words and the (name, value) pairs to
+    /// publish.
+    pub dkim_status: String,
+    pub dkim_records: Vec<(String, String)>,
 }
 
 fn ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
@@ -157,6 +161,21 @@ fn row(v: &DomainView, now: DateTime<Utc>) -> Row {
         record_name: v.record.name.clone(),
         record_label: v.record.label.clone(),
         record_value: v.record.value.clone(),
+        dkim_status: v.dkim["status"]
+            .as_str()
+            .unwrap_or("not made yet")
+            .to_string(),
+        dkim_records: v.dkim["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                Some((
+                    r["name"].as_str()?.to_string(),
+                    r["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect(),
     }
 }
 
@@ -482,7 +501,7 @@ async fn add(State(s): State<PanelState>, session: Session, Form(f): Form<AddFor
         Ok(x) => x,
         Err(r) => return r,
     };
-    match s.ops.add_domain(&hosting, &f.domain) {
+    match s.ops.add_domain(&hosting, &f.domain).await {
         Ok(v) => to(&format!("/domains/{}/record", v.domain.domain)),
         Err(OpError::Internal(m)) => op_error(nav, OpError::Internal(m)),
         Err(e) => (
