@@ -535,11 +535,16 @@ async fn record(
     session: Session,
     Path(domain): Path<String>,
 ) -> Response {
-    match domain_page(&s, &session, &domain).await {
+    record_page(&s, &session, &domain, false).await
+}
+
+/// The record page; `checked`: after "Verify", with the outcome as the headline.
+async fn record_page(s: &PanelState, session: &Session, domain: &str, checked: bool) -> Response {
+    match domain_page(s, session, domain).await {
         Ok((nav, v)) => RecordPage {
             nav,
             row: row(&v, Utc::now()),
-            checked: false,
+            checked,
         }
         .into_response(),
         Err(r) => r,
@@ -569,15 +574,7 @@ async fn verified(
     session: Session,
     Path(domain): Path<String>,
 ) -> Response {
-    match domain_page(&s, &session, &domain).await {
-        Ok((nav, v)) => RecordPage {
-            nav,
-            row: row(&v, Utc::now()),
-            checked: true,
-        }
-        .into_response(),
-        Err(r) => r,
-    }
+    record_page(&s, &session, &domain, true).await
 }
 
 // ------------------------------------------------------------ accounts
