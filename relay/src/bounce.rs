@@ -168,41 +168,34 @@ pub fn build(
     out
 }
 
+/// The enhanced status code (RFC 3463) of a reply (`550 5.1.1 ...`) when its class is
+/// one of `classes`.
+fn enhanced_code<'a>(diagnostic: &'a str, classes: &[&str]) -> Option<&'a str> {
+    diagnostic.split_whitespace().nth(1).filter(|c| {
+        let parts: Vec<&str> = c.split('.').collect();
+        parts.len() == 3
+            && classes.contains(&parts[0])
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 /// The enhanced status code of a success reply (`250 2.0.0 Ok`), else `2.0.0`.
 fn success_code(diagnostic: &str) -> String {
-    diagnostic
-        .split_whitespace()
-        .nth(1)
-        .filter(|c| {
-            let parts: Vec<&str> = c.split('.').collect();
-            parts.len() == 3
-                && parts[0] == "2"
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(str::to_string)
-        .unwrap_or_else(|| "2.0.0".to_string())
+    enhanced_code(diagnostic, &["2"])
+        .unwrap_or("2.0.0")
+        .to_string()
 }
 
 fn one_line(s: &str) -> String {
     s.replace(['\r', '\n'], " ")
 }
 
-/// The enhanced status code (RFC 3463) in the diagnostic, if it has one
-/// (`550 5.1.1 ...`), else the generic permanent failure.
+/// The status of a failed recipient: the reply's enhanced code made permanent
+/// (a 4.x.x that expired is reported as 5.x.x), else the generic permanent failure.
 fn status_code(diagnostic: &str) -> String {
-    diagnostic
-        .split_whitespace()
-        .nth(1)
-        .filter(|c| {
-            let parts: Vec<&str> = c.split('.').collect();
-            parts.len() == 3
-                && matches!(parts[0], "4" | "5")
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        })
+    enhanced_code(diagnostic, &["4", "5"])
         .map(|c| format!("5{}", &c[1..]))
         .unwrap_or_else(|| "5.0.0".to_string())
 }
