@@ -154,6 +154,22 @@ fn every_route_with_its_errors() {
         assert!(d[key].is_null(), "{key}: {d}");
     }
     assert!(d["created_at"].is_string());
+    // SPEC §9: the DKIM keys are made with the domain, its records shown at once, and
+    // no private key leaves the server.
+    assert_eq!(d["dkim"]["status"], "pending", "{d}");
+    let dkim_names: Vec<&str> = d["dkim"]["records"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|x| x["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        dkim_names,
+        [
+            "domauth1e._domainkey.partner.example",
+            "domauth1r._domainkey.partner.example"
+        ],
+        "{d}"
+    );
+    assert!(!r.body.contains("private"), "{}", r.body);
     let token = d["record"]["value"].as_str().unwrap().to_string();
 
     // 409 already listed / own domain; 400 invalid domain, bad JSON, no field.
