@@ -146,6 +146,7 @@ impl Spool {
             peer,
             queue_id,
             recipients: envelope.recipients,
+            dropped: Vec::new(),
         })
     }
 
@@ -272,6 +273,8 @@ pub struct IncomingMessage {
     peer: IpAddr,
     queue_id: String,
     recipients: Vec<String>,
+    /// Where the bytes of a message that will be refused are decoded to, and dropped.
+    dropped: Vec<u8>,
 }
 
 impl IncomingMessage {
@@ -288,22 +291,36 @@ impl IncomingMessage {
         &self.recipients
     }
 
-    /// Takes decoded message bytes (no I/O).
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.size += bytes.len() as u64;
-        if self.failure.is_some() || self.header_too_large {
-            return;
+    /// Takes decoded message bytes that `decode` appends to the Vec it is given (no I/O):
+    /// once the header block is complete they land straight in the queue file's buffer.
+    /// Returns `decode`'s result.
+    pub fn receive<R>(&mut self, decode: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let writing = self.header_len.is_some();
+        if self.failure.is_some() || self.header_too_large || (writing && self.writer.is_none()) {
+            let mut dropped = std::mem::take(&mut self.dropped);
+            let result = decode(&mut dropped);
+            self.size += dropped.len() as u64;
+            dropped.clear();
+            self.dropped = dropped;
+            return result;
         }
-        if self.header_len.is_some() {
-            if let Some(w) = self.writer.as_mut() {
-                w.push(bytes);
-            }
+        if writing && let Some(w) = self.writer.as_mut() {
+            let (result, added) = w.append_with(decode);
+            self.size += added.len() as u64;
             if let Some(h) = self.body_hash.as_mut() {
-                h.write(bytes);
+                h.write(added);
             }
-            return;
+            return result;
         }
-        self.head.extend_from_slice(bytes);
+        let start = self.head.len();
+        let result = decode(&mut self.head);
+        self.size += (self.head.len().max(start) - start) as u64;
+        self.head_grew();
+        result
+    }
+
+    /// More of the header block arrived: is it complete, or too large?
+    fn head_grew(&mut self) {
         if let Some(n) = cleanup::complete_header_block(&self.head) {
             self.start_body(n);
         } else if self.head.len() > MAX_HEADER {

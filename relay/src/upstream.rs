@@ -570,15 +570,19 @@ where
             break;
         }
         wire.clear();
-        stuffer.push(&chunk, &mut wire);
+        // Most chunks need no stuffing: they go out as read, without a copy.
+        let stuffed = stuffer.push_if_needed(&chunk, &mut wire);
+        let body: &[u8] = if stuffed { &wire } else { &chunk };
         let last = r.len_remaining() == 0;
+        let mut end = Vec::new();
         if last {
-            stuffer.finish(&mut wire);
+            stuffer.finish(&mut end);
         } else {
             reader = Some(r);
         }
         within(t.data_block, "writing the message", async {
-            client.stream.write_all(&wire).await?;
+            client.stream.write_all(body).await?;
+            client.stream.write_all(&end).await?;
             client.stream.flush().await
         })
         .await?;
@@ -635,6 +639,28 @@ impl DotStuffer {
             rest = &rest[pos + 1..];
         }
         out.extend_from_slice(rest);
+        self.note(chunk);
+    }
+
+    /// Like [`DotStuffer::push`] when `chunk` has a line that starts with a dot (then
+    /// `true`: the stuffed bytes are in `out`); otherwise only takes note of `chunk`, which
+    /// goes on the wire as it is (`false`).
+    pub fn push_if_needed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
+        let needs = (self.at_line_start && chunk.first() == Some(&b'.'))
+            || memchr::memmem::find(chunk, b"\n.").is_some();
+        if needs {
+            self.push(chunk, out);
+        } else {
+            self.note(chunk);
+        }
+        needs
+    }
+
+    /// Keeps what the next chunk and [`DotStuffer::finish`] need to know of `chunk`.
+    fn note(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
+            return;
+        }
         self.at_line_start = chunk.ends_with(b"\n");
         self.tail = match chunk {
             [.., a, b] => [*a, *b],
@@ -781,6 +807,24 @@ mod tests {
                 stuffer.push(&message[second..], &mut out);
                 stuffer.finish(&mut out);
                 assert_eq!(out, whole, "split at {split}, {second}");
+                // The way send_message does it: chunks without a dot line go as they are.
+                let mut sent = Vec::new();
+                let mut stuffer = DotStuffer::default();
+                for piece in [
+                    &message[..split],
+                    &message[split..second],
+                    &message[second..],
+                ] {
+                    let mut wire = Vec::new();
+                    if stuffer.push_if_needed(piece, &mut wire) {
+                        sent.extend_from_slice(&wire);
+                    } else {
+                        assert!(wire.is_empty());
+                        sent.extend_from_slice(piece);
+                    }
+                }
+                stuffer.finish(&mut sent);
+                assert_eq!(sent, whole, "pass-through, split at {split}, {second}");
             }
         }
         let crlf_split = [&b"a\r"[..], &b"\n"[..]];

@@ -802,6 +802,20 @@ impl MessageWriter {
         self.crc.update(bytes);
     }
 
+    /// Appends what `fill` writes at the end of the buffer (no I/O), without copying it
+    /// through another buffer first; returns `fill`'s result and the bytes it appended.
+    /// `fill` may only append.
+    pub fn append_with<R>(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> R) -> (R, &[u8]) {
+        let start = self.buf.len();
+        let result = fill(&mut self.buf);
+        // Only appending keeps the bytes already counted; anything else is a caller's bug.
+        let start = start.min(self.buf.len());
+        let added = &self.buf[start..];
+        self.message_len += added.len() as u64;
+        self.crc.update(added);
+        (result, added)
+    }
+
     /// Bytes waiting in memory.
     pub fn buffered(&self) -> usize {
         self.buf.len()

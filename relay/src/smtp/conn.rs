@@ -307,16 +307,20 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
         None => None,
     };
     let deadline = deadline_after(ctx.data_timeout);
-    let mut decoded = Vec::with_capacity(16 * 1024);
+    // Decoded bytes when there is no message to take them (they are dropped).
+    let mut dropped = Vec::new();
     loop {
         let pending = input.pending();
         if !pending.is_empty() {
             let fed = pending.len();
-            let end = decoder.feed(pending, &mut decoded);
-            if let Some(m) = message.as_mut() {
-                m.push(&decoded);
-            }
-            decoded.clear();
+            let end = match message.as_mut() {
+                Some(m) => m.receive(|out| decoder.feed(pending, out)),
+                None => {
+                    let end = decoder.feed(pending, &mut dropped);
+                    dropped.clear();
+                    end
+                }
+            };
             match end {
                 Some(used) => {
                     input.consume(used);
