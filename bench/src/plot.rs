@@ -61,22 +61,49 @@ fn read(path: &Path) -> Result<BTreeMap<String, Series>> {
     Ok(sweeps)
 }
 
-/// Tick labels sit at powers of ten, so they read in decimal units.
+/// Size ticks sit at the measured sizes, which are multiples of 1024 (`bench/run`'s
+/// "1 KB" is 1024 bytes, "1 MB" 1048576).
 fn size_label(bytes: f64) -> String {
-    if bytes >= 1e6 {
-        format!("{:.0} MB", bytes / 1e6)
-    } else if bytes >= 1e3 {
-        format!("{:.0} KB", bytes / 1e3)
+    if bytes >= 1_048_576.0 {
+        format!("{:.0} MB", bytes / 1_048_576.0)
+    } else if bytes >= 1024.0 {
+        format!("{:.0} KB", bytes / 1024.0)
     } else {
         format!("{bytes:.0} B")
     }
+}
+
+/// Grid lines of a log axis over `r`: the labelled ones at 1, 2, 5 times powers of ten
+/// (only the powers over many decades, more steps over less than one), the light ones at
+/// every other integer multiple. Plotters' own labels sit at powers of ten only, which
+/// left a panel spanning one decade with a single label.
+fn log_grid(r: &std::ops::Range<f64>) -> (Vec<f64>, Vec<f64>) {
+    let (lo, hi) = (r.start.log10().floor() as i32, r.end.log10().ceil() as i32);
+    let grid = |steps: &[f64]| -> Vec<f64> {
+        (lo..=hi)
+            .flat_map(|e| steps.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(|v| *v >= r.start && *v <= r.end)
+            .collect()
+    };
+    let mut bold = grid(&[1.0, 2.0, 5.0]);
+    if bold.len() > 10 {
+        bold = grid(&[1.0]);
+    } else if bold.len() < 4 {
+        bold = grid(&[1.0, 1.5, 2.0, 3.0, 5.0, 7.0]);
+    }
+    let light = grid(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+        .into_iter()
+        .filter(|v| !bold.iter().any(|b| (b - v).abs() <= 1e-9 * v))
+        .collect();
+    (bold, light)
 }
 
 fn value_label(v: f64) -> String {
     if v >= 10.0 {
         format!("{v:.0}")
     } else {
-        format!("{v:.1}")
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -221,12 +248,36 @@ fn panel(
                 .collect()
         })
         .collect();
+    // x: labelled at the measured points (1 KB .. 10 MB, 1 .. 500 sessions); y: log_grid.
+    let mut xs: Vec<f64> = chosen
+        .iter()
+        .flat_map(|(_, p, _)| p.iter().map(|&(x, _)| x))
+        .collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    let x_axis = x_range
+        .clone()
+        .log_scale()
+        .with_key_points(xs.clone())
+        .with_light_points({
+            let (a, b) = log_grid(&x_range);
+            // (none right beside a labelled size: 1000 beside 1024 reads as a double line)
+            a.into_iter()
+                .chain(b)
+                .filter(|v| !xs.iter().any(|x| (x / v).ln().abs() < 0.15))
+        });
+    let (y_bold, y_light) = log_grid(&y_range);
+    let y_axis = y_range
+        .clone()
+        .log_scale()
+        .with_key_points(y_bold)
+        .with_light_points(y_light);
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(55)
-        .build_cartesian_2d(x_range.clone().log_scale(), y_range.clone().log_scale())?;
+        .build_cartesian_2d(x_axis, y_axis)?;
     let x_desc = if size_axis {
         "message size"
     } else {
@@ -236,7 +287,6 @@ fn panel(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(unit)
-        .y_labels(6)
         .y_label_formatter(&|y| value_label(*y))
         .x_label_formatter(&|x| {
             if size_axis {
@@ -450,6 +500,23 @@ mod tests {
             legend_corner(&falling, 0.3, 0.3),
             SeriesLabelPosition::UpperRight
         ));
+    }
+
+    #[test]
+    fn log_axes_get_labels_in_any_span() {
+        // One decade: more than a single label.
+        let (bold, light) = log_grid(&(635.0..9200.0));
+        assert_eq!(
+            bold,
+            vec![700.0, 1000.0, 1500.0, 2000.0, 3000.0, 5000.0, 7000.0]
+        );
+        assert!(!light.contains(&1000.0) && light.contains(&4000.0));
+        // Many decades: powers of ten only.
+        let (bold, _) = log_grid(&(0.5..5000.0));
+        assert_eq!(bold, vec![1.0, 10.0, 100.0, 1000.0]);
+        assert_eq!(value_label(2.0), "2");
+        assert_eq!(value_label(0.30000000000000004), "0.3");
+        assert_eq!(value_label(1500.0), "1500");
     }
 
     fn tempfile_dir(name: &str) -> std::path::PathBuf {
