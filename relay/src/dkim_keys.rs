@@ -274,6 +274,8 @@ pub struct DkimKeys {
     pub signing_enabled: bool,
     /// When each domain's DKIM records are next due (see [`DkimKeys::run`]).
     schedule: Schedule,
+    /// Keys are being made for domains that had none (one task at a time).
+    making: std::sync::atomic::AtomicBool,
 }
 
 impl DkimKeys {
@@ -289,6 +291,7 @@ impl DkimKeys {
             config,
             signing_enabled,
             schedule: Schedule::default(),
+            making: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -426,10 +429,12 @@ impl DkimKeys {
             .set((d.hosting.clone(), d.domain.clone()), self.next_check(d));
     }
 
-    /// At start and every [`schedule::RESCAN`]: makes keys for every domain that has
-    /// none (domains added before this version, or by a face that does not call
-    /// [`DkimKeys::ensure`]) and puts every domain's DKIM check on the schedule.
-    async fn rescan(&self, shutdown: &watch::Receiver<bool>) {
+    /// At start and every [`schedule::RESCAN`]: puts every domain's DKIM check on the
+    /// schedule, and makes keys for every domain that has none (domains added before
+    /// this version, or by a face that does not call [`DkimKeys::ensure`]) in a task of
+    /// its own, one domain after another: after an upgrade with thousands of domains that
+    /// takes minutes of RSA key generation, during which the checks go on.
+    async fn rescan(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
         let store = self.store.clone();
         let scanned = tokio::task::spawn_blocking(move || {
             let all = store.all_dkim()?;
@@ -456,14 +461,27 @@ impl DkimKeys {
             self.schedule
                 .set_if_absent((d.hosting.clone(), d.domain.clone()), self.next_check(d));
         }
-        for (hosting, domain) in missing {
-            if *shutdown.borrow() {
-                return;
-            }
-            if let Err(e) = self.ensure(&hosting, &domain).await {
-                tracing::error!(error = %e, domain = %Escaped(&domain), "cannot make DKIM keys");
-            }
+        if missing.is_empty() || self.making.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
         }
+        let (this, shutdown) = (self.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tracing::info!(
+                event = "dkim_keys_backfill",
+                domains = missing.len(),
+                "making DKIM keys for domains that have none"
+            );
+            for (hosting, domain) in missing {
+                if *shutdown.borrow() {
+                    break;
+                }
+                if let Err(e) = this.ensure(&hosting, &domain).await {
+                    tracing::error!(error = %e, domain = %Escaped(&domain), "cannot make DKIM keys");
+                }
+            }
+            this.making
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// The background task: re-checks DKIM records as they come due, as the verifier

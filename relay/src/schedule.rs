@@ -26,7 +26,8 @@ pub const RESCAN: Duration = Duration::from_secs(600);
 #[derive(Default)]
 pub struct Schedule {
     timeline: Mutex<Timeline>,
-    wake: tokio::sync::Notify,
+    /// Rings when the timeline changes or a check ends (a slot is free).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,6 +61,10 @@ impl Schedule {
     /// Runs `check` for each domain as it comes due, at most `concurrency` at once and
     /// never twice at the same time for one domain; `check` reschedules the domain (or
     /// not). `rescan` runs at start and every [`RESCAN`]. Returns at shutdown.
+    ///
+    /// A domain leaves the timeline only when a slot is free for it, so memory stays
+    /// bounded by `concurrency` checks in flight however many domains are due at once
+    /// (10,000 pending domains after a start are 10,000 entries, not 10,000 futures).
     pub async fn run<C, CF, R, RF>(
         &self,
         concurrency: usize,
@@ -87,22 +92,32 @@ impl Schedule {
                 rescan().await;
                 rescan_at = tokio::time::Instant::now() + RESCAN;
             }
-            let due = lock(&self.timeline).take_due(Utc::now());
-            for key in due {
+            let now = Utc::now();
+            while let Ok(permit) = limit.clone().try_acquire_owned() {
+                let Some(key) = lock(&self.timeline).take_first_due(now) else {
+                    break;
+                };
                 if !lock(&in_progress).insert(key.clone()) {
+                    // Being checked right now: that check puts it back on the timeline.
                     continue;
                 }
-                let (limit, in_progress) = (limit.clone(), in_progress.clone());
+                let (in_progress, wake) = (in_progress.clone(), self.wake.clone());
                 let checked = check(key.clone());
                 running.spawn(async move {
-                    if let Ok(_permit) = limit.acquire().await {
-                        checked.await;
-                    }
+                    checked.await;
+                    drop(permit);
                     lock(&in_progress).remove(&key);
+                    wake.notify_one();
                 });
             }
-            // Sleep until the next domain is due (at most until the next rescan).
-            let next = lock(&self.timeline).next_due();
+            // Sleep until the next domain is due (at most until the next rescan); with
+            // every slot taken, until a check ends.
+            let saturated = limit.available_permits() == 0;
+            let next = if saturated {
+                None
+            } else {
+                lock(&self.timeline).next_due()
+            };
             let sleep_for = next
                 .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
                 .unwrap_or(RESCAN)
@@ -154,18 +169,20 @@ impl Timeline {
         self.by_time.first().map(|(at, _)| *at)
     }
 
-    /// Removes and returns every domain due at `now`.
-    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<DomainKey> {
-        let mut due = Vec::new();
-        while let Some((at, _)) = self.by_time.first()
-            && *at <= now
-        {
-            if let Some((_, key)) = self.by_time.pop_first() {
-                self.by_key.remove(&key);
-                due.push(key);
-            }
+    /// Removes and returns the domain due first, if one is due at `now`.
+    fn take_first_due(&mut self, now: DateTime<Utc>) -> Option<DomainKey> {
+        if self.by_time.first().is_none_or(|(at, _)| *at > now) {
+            return None;
         }
-        due
+        let (_, key) = self.by_time.pop_first()?;
+        self.by_key.remove(&key);
+        Some(key)
+    }
+
+    /// Removes and returns every domain due at `now`, in time order.
+    #[cfg(test)]
+    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<DomainKey> {
+        std::iter::from_fn(|| self.take_first_due(now)).collect()
     }
 }
 
@@ -190,6 +207,58 @@ mod tests {
         assert!(t.contains(&key("b.example")) && !t.contains(&key("a.example")));
         t.remove(&key("b.example"));
         assert_eq!((t.next_due(), t.take_due(at(100))), (None, vec![]));
+    }
+
+    /// 100 domains due at once with room for 2 checks: no more than 2 check futures
+    /// ever exist together (the others wait as timeline entries), and all 100 run.
+    #[tokio::test]
+    async fn due_domains_wait_on_the_timeline_not_as_futures() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let schedule = Arc::new(Schedule::default());
+        let past = Utc::now() - chrono::Duration::seconds(1);
+        for i in 0..100 {
+            schedule.set(("acme".to_string(), format!("d{i}.example")), Some(past));
+        }
+        let live = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let runner = {
+            let (schedule, live, peak, done) =
+                (schedule.clone(), live.clone(), peak.clone(), done.clone());
+            tokio::spawn(async move {
+                let check = |_key: DomainKey| {
+                    let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let (live, done) = (live.clone(), done.clone());
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                };
+                schedule.run(2, check, || async {}, stopped).await;
+            })
+        };
+        // A bound for a failure only: 100 checks of 1 ms take well under a second.
+        for _ in 0..3000 {
+            if done.load(Ordering::SeqCst) == 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(true);
+        let _ = runner.await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            100,
+            "every due domain was checked"
+        );
+        assert!(
+            peak.load(Ordering::SeqCst) <= 2,
+            "at most 2 checks at once, saw {}",
+            peak.load(Ordering::SeqCst)
+        );
     }
 
     #[test]
