@@ -258,6 +258,9 @@ impl Store {
     pub fn all_dkim(&self) -> Result<Vec<DomainDkim>> {
         read!(self, |s| s.all_dkim())
     }
+    pub fn for_each_dkim(&self, each: impl FnMut(DomainDkim)) -> Result<()> {
+        read!(self, |s| s.for_each_dkim(each))
+    }
     pub fn add_dkim_keys(
         &self,
         hosting: &str,

@@ -108,16 +108,22 @@ impl Store {
 
     /// Every domain's DKIM keys (for the background checks).
     pub fn all_dkim(&self) -> Result<Vec<DomainDkim>> {
-        self.dkim_keys
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(
-                    format_args!("DKIM keys {:?}", String::from_utf8_lossy(&key)),
-                    &value,
-                )
-            })
-            .collect()
+        let mut all = Vec::new();
+        self.for_each_dkim(|d| all.push(d))?;
+        Ok(all)
+    }
+
+    /// Every domain's keys, one domain at a time: a store of thousands of domains is
+    /// never held whole in memory (each key set carries its private keys).
+    pub fn for_each_dkim(&self, mut each: impl FnMut(DomainDkim)) -> Result<()> {
+        for entry in self.dkim_keys.iter() {
+            let (key, value) = entry?;
+            each(decode(
+                format_args!("DKIM keys {:?}", String::from_utf8_lossy(&key)),
+                &value,
+            )?);
+        }
+        Ok(())
     }
 
     /// Appends a new generation of keys (the first at `domain add`, the next at a
