@@ -368,6 +368,28 @@ fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListen
     socket.listen(u32::try_from(max_connections.clamp(128, 65_535)).unwrap_or(4096))
 }
 
+/// The next connection on `listener`, or `None` at shutdown. An accept error (EMFILE
+/// and friends) is logged and retried after a pause instead of spinning.
+pub async fn next_connection(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return None,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     kind: Listener,
@@ -376,20 +398,7 @@ async fn accept_loop(
     per_ip: PerIpLimit,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, peer)) = next_connection(&listener, &mut shutdown, "smtp").await {
         let permit = match connections.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {

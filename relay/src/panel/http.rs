@@ -111,19 +111,9 @@ pub async fn run(
         }
         return;
     };
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "panel accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, peer)) =
+        crate::server::next_connection(&listener, &mut shutdown, "panel").await
+    {
         let (tls, app, mut shutdown) = (tls.clone(), app.clone(), shutdown.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) =
